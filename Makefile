@@ -1,0 +1,33 @@
+# KEEP:R: the two entry points. Both create the virtual environment in .venv when it is missing or out of date.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean-demo
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+## make demo: tiny models -> tiny pair set -> short encoder run -> anonymize data/samples/lrwp9a.mpg
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+## make test: the whole test suite, slow end-to-end tests included
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## make test-fast: skip the slow end-to-end tests
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+## make bench: the benchmarks (not tests), quick settings
+bench: $(STAMP)
+	$(PY) bench/generator.py --quick
+	$(PY) bench/cosegmentation.py --quick
+	$(PY) bench/infer.py --quick
+
+clean-demo:
+	rm -rf outputs/demo

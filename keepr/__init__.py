@@ -1,0 +1,1 @@
+"""Shared helpers for KEEP:R: errors, atomic file output, hashing."""
