@@ -1,0 +1,65 @@
+"""Atomic output helpers and the one-line CLI error wrapper."""
+import subprocess
+import sys
+
+import pytest
+
+from keepr.errors import KeeprError, MissingWeightsError, cli_main
+from keepr.fileio import atomic_dir, atomic_path, sha256_file, write_text_atomic
+
+
+def test_atomic_path_renames_on_success(tmp_path):
+    dest = tmp_path / "out" / "a.txt"
+    with atomic_path(dest) as tmp:
+        tmp.write_text("hello")
+        assert not dest.exists()
+    assert dest.read_text() == "hello"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.txt"]
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "a.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(dest, suffix=".mp4") as tmp:
+            assert tmp.name.endswith(".mp4.tmp")
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir(tmp_path):
+    dest = tmp_path / "run"
+    with pytest.raises(ValueError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "x").write_text("1")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(dest) as tmp:
+        (tmp / "x").write_text("1")
+    assert (dest / "x").read_text() == "1"
+
+
+def test_sha256(tmp_path):
+    p = tmp_path / "f"
+    write_text_atomic(p, "abc")
+    assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_missing_weights_message_names_file_and_source():
+    err = MissingWeightsError("weights/ffhq.pkl", "StyleGAN2 FFHQ generator", "the stylegan2-ada-pytorch release page")
+    assert isinstance(err, KeeprError)
+    assert "weights/ffhq.pkl" in str(err) and "stylegan2-ada-pytorch" in str(err)
+
+
+def test_cli_main_prints_one_line_and_exits_1():
+    code = (
+        "from keepr.errors import KeeprError, cli_main\n"
+        "@cli_main\n"
+        "def main():\n"
+        "    raise KeeprError('bad input:\\n  x.mp4 is not a video')\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: bad input: x.mp4 is not a video"
+    assert "\n" not in proc.stderr.strip()
