@@ -63,3 +63,18 @@ def test_cli_main_prints_one_line_and_exits_1():
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: bad input: x.mp4 is not a video"
     assert "\n" not in proc.stderr.strip()
+
+
+def test_atomic_outputs_get_umask_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            pass
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
