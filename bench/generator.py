@@ -1,0 +1,132 @@
+"""Generator throughput benchmark: images/s and achieved GFLOP/s as a fraction of this machine's fp32 matmul peak.
+
+    python bench/generator.py [--quick] [--threads N] [--device cpu]
+
+Configs: ``tiny`` (64 px, configs/generator/tiny.yaml) and ``ffhq256`` (the official paper256 generator, random
+weights), batch 1 and 8, full ``G(z)`` (mapping + synthesis, noise 'const', no autograd). FLOPs are counted
+analytically as 2 x multiply-accumulates of every convolution (including the FIR resampling filters, transposed
+convolutions counted at their input resolution as in the official implementation) and fully connected layer. The
+peak is ``torch.mm`` of two 2048x2048 fp32 matrices, measured in the same run with the same threads; both are
+best-of-N timings, so a busy machine lowers both rather than the ratio. Prints a Markdown table. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from keepr.errors import cli_main  # noqa: E402
+from models.stylegan2 import Generator  # noqa: E402
+from models.stylegan2.loaders import build_generator, load_generator_config, make_tiny_generator  # noqa: E402
+from models.stylegan2.networks import FullyConnectedLayer, SynthesisLayer, ToRGBLayer  # noqa: E402
+
+
+def generator_flops(G: Generator) -> float:
+    """Analytic FLOPs (2 x MACs) of one image through mapping + synthesis."""
+    macs = 0
+    for m in G.modules():
+        if isinstance(m, FullyConnectedLayer):
+            macs += m.in_features * m.out_features
+        elif isinstance(m, SynthesisLayer):
+            out_c, in_c, kh, kw = m.weight.shape
+            r_in = m.resolution // m.up
+            macs += out_c * in_c * kh * kw * r_in * r_in  # (transposed) convolution
+            macs += out_c * in_c  # demodulation coefficients
+            if m.up > 1:
+                fh, fw = m.resample_filter.shape
+                macs += out_c * fh * fw * m.resolution * m.resolution  # FIR after the transposed convolution
+        elif isinstance(m, ToRGBLayer):
+            out_c, in_c, kh, kw = m.weight.shape
+            r = _torgb_resolution(G, m)
+            macs += out_c * in_c * kh * kw * r * r
+    for res in G.synthesis.block_resolutions[1:]:  # 'skip': upsample the running RGB image (depthwise FIR)
+        fh, fw = getattr(G.synthesis, f"b{res}").resample_filter.shape
+        macs += G.img_channels * fh * fw * (res // 2) ** 2
+    return 2.0 * macs
+
+
+def _torgb_resolution(G: Generator, layer: ToRGBLayer) -> int:
+    for res in G.synthesis.block_resolutions:
+        if getattr(getattr(G.synthesis, f"b{res}"), "torgb", None) is layer:
+            return res
+    raise ValueError("ToRGB layer not in the generator")
+
+
+def best_time(fn, reps: int, min_seconds: float = 0.0) -> float:
+    """Best wall time of ``reps`` calls after one warm-up call (more calls while under ``min_seconds`` total)."""
+    fn()
+    best, total, n = float("inf"), 0.0, 0
+    while n < reps or total < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, total, n = min(best, dt), total + dt, n + 1
+    return best
+
+
+def matmul_peak_gflops(device: torch.device, reps: int, n: int = 2048) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def run():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n ** 3 / best_time(run, reps, min_seconds=0.5) / 1e9
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one timed repetition per case")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3, quick 1)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    reps = args.reps or (1 if args.quick else 3)
+
+    models = {
+        "tiny": make_tiny_generator(seed=0),
+        "ffhq256": build_generator(load_generator_config("ffhq256"), seed=0).eval().requires_grad_(False),
+    }
+    rows = []
+    peaks = [matmul_peak_gflops(device, reps)]
+    for name, G in models.items():
+        G = G.to(device)
+        flops = generator_flops(G)
+        for batch in (1, 8):
+            z = torch.randn(batch, G.z_dim, generator=torch.Generator().manual_seed(batch)).to(device)
+
+            def run():
+                with torch.inference_mode():
+                    G(z, truncation_psi=0.7, noise_mode="const")
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            dt = best_time(run, reps, min_seconds=0.0 if args.quick else 1.0)
+            rows.append((name, G.img_resolution, batch, batch / dt, 1000 * dt / batch, flops / 1e9,
+                         batch * flops / dt / 1e9))
+        peaks.append(matmul_peak_gflops(device, reps))
+    peak = max(peaks)
+
+    threads = torch.get_num_threads() if device.type == "cpu" else "-"
+    print(f"device: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+          f"threads: {threads}; fp32 matmul peak (torch.mm 2048^2, best of run): {peak:.1f} GFLOP/s\n")
+    print("| config | px | batch | images/s | ms/image | GFLOP/image | GFLOP/s | % of matmul peak |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, px, batch, ips, ms, gf, gfs in rows:
+        print(f"| {name} | {px} | {batch} | {ips:.2f} | {ms:.1f} | {gf:.3f} | {gfs:.1f} | {100 * gfs / peak:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

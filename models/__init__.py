@@ -1,0 +1,1 @@
+"""KEEP:R networks: StyleGAN2 generator, encoder, co-part segmentation."""
