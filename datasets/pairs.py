@@ -1,0 +1,303 @@
+"""The (image, latent) pair dataset written by ``generate_pairs.py`` and read by the encoder's training.
+
+Layout of a pair directory::
+
+    manifest.json            what made it (generator file + sha256 + config, seed, truncation, ...) and the shard list
+    shard_00000.safetensors  pairs [0, S):  image uint8 [n,3,R,R], z float32 [n,z_dim], w float32 [n,w_dim], index int64 [n]
+    shard_00001.safetensors  pairs [S, 2S)
+    ...
+
+Pair ``i`` depends only on ``(seed, i)`` (and the generator): ``z_i`` comes from its own random stream
+(:func:`pair_z`), ``w_i = G.mapping(z_i, truncation_psi)[:, 0]`` and the image is ``G.synthesis`` with constant noise,
+converted to uint8 like NVlabs' ``generate.py``. Shards are written under a temporary name and renamed, so a shard file
+that exists is complete; the manifest says ``"complete": true`` only once every shard is there.
+
+Only safetensors and JSON are ever read: no pickle.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from keepr.errors import KeeprError
+from keepr.fileio import atomic_path, sha256_file
+
+FORMAT = "keepr-pairs"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_KEYS = ("image", "z", "w", "index")
+_META_KEY = "keepr_pairs"
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "MANIFEST", "PairDataset", "PairDataModule", "pair_z", "pairs_z", "to_uint8",
+    "shard_name", "shard_ranges", "fingerprint", "fingerprint_id", "write_shard", "check_shard", "load_manifest",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-index sampling and pixel conversion.
+
+def pair_z(seed: int, index: int, z_dim: int) -> torch.Tensor:
+    """Latent z of pair ``index``: float32 [z_dim] from a PCG64 stream keyed by ``SeedSequence([seed, index])``.
+
+    Each pair has its own stream, so z_i never depends on the batch, the device count or the order of generation.
+    """
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
+    return torch.from_numpy(rng.standard_normal(z_dim).astype(np.float32))
+
+
+def pairs_z(seed: int, indices: Sequence[int], z_dim: int) -> torch.Tensor:
+    """Stack :func:`pair_z` for several indices: float32 [N, z_dim]."""
+    return torch.stack([pair_z(seed, int(i), z_dim) for i in indices]) if len(indices) else torch.zeros(0, z_dim)
+
+
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Generator output (nominally [-1, 1]) to uint8, NVlabs convention: ``(img * 127.5 + 128).clamp(0, 255)``."""
+    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shards.
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}.safetensors"
+
+
+def shard_ranges(num_pairs: int, shard_size: int) -> list[tuple[int, int]]:
+    """Index ranges [start, stop) of the shards: shard k holds pairs [k*S, min((k+1)*S, num_pairs))."""
+    if num_pairs < 1 or shard_size < 1:
+        raise ValueError(f"num_pairs and shard_size must be >= 1, got {num_pairs}, {shard_size}")
+    return [(s, min(s + shard_size, num_pairs)) for s in range(0, num_pairs, shard_size)]
+
+
+def fingerprint(manifest: dict) -> dict:
+    """The settings that decide the bits of every pair (and the shard layout); two runs may share a directory
+    only when these agree. ``num_pairs`` is not part of it: pair i is the same whatever the total."""
+    return {
+        "format": manifest.get("format"),
+        "version": manifest.get("version"),
+        "generator_sha256": manifest.get("generator", {}).get("sha256"),
+        "seed": manifest.get("seed"),
+        "truncation_psi": manifest.get("truncation", {}).get("psi"),
+        "truncation_cutoff": manifest.get("truncation", {}).get("cutoff"),
+        "noise_mode": manifest.get("noise_mode"),
+        "render_batch": manifest.get("render_batch"),
+        "shard_size": manifest.get("shard_size"),
+    }
+
+
+def fingerprint_id(manifest: dict) -> str:
+    """Short hash of :func:`fingerprint`, stored in every shard so a shard from another run is never taken."""
+    blob = json.dumps(fingerprint(manifest), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], start: int, stop: int, fp_id: str) -> None:
+    """Write one shard atomically (temporary name next to it, then rename)."""
+    n = stop - start
+    for key in SHARD_KEYS:
+        if key not in tensors or tensors[key].shape[0] != n:
+            raise ValueError(f"shard {path}: '{key}' missing or not {n} rows")
+    if not torch.equal(tensors["index"], torch.arange(start, stop, dtype=torch.int64)):
+        raise ValueError(f"shard {path}: indices are not {start}..{stop - 1}")
+    meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "fingerprint": fp_id, "start": start, "stop": stop})}
+    data = {k: tensors[k].detach().cpu().contiguous() for k in SHARD_KEYS}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(data, str(tmp), metadata=meta)
+
+
+def check_shard(path: str | os.PathLike, start: int, stop: int, fp_id: str, resolution: int, z_dim: int,
+                w_dim: int) -> str | None:
+    """Why the shard at ``path`` is not the expected complete shard for pairs [start, stop), or None if it is."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    n = stop - start
+    want = {"image": ([n, 3, resolution, resolution], "U8"), "z": ([n, z_dim], "F32"), "w": ([n, w_dim], "F32"),
+            "index": ([n], "I64")}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
+            if not isinstance(meta, dict):
+                return "not a KEEP:R pair shard"
+            if meta.get("fingerprint") != fp_id:
+                return "made by another generator/seed/setting"
+            if (meta.get("start"), meta.get("stop")) != (start, stop):
+                return f"holds pairs {meta.get('start')}..{meta.get('stop')}, expected {start}..{stop}"
+            for key, (shape, dtype) in want.items():
+                if key not in f.keys():
+                    return f"no '{key}' tensor"
+                sl = f.get_slice(key)
+                if list(sl.get_shape()) != shape or sl.get_dtype() != dtype:
+                    return f"'{key}' is {sl.get_dtype()} {sl.get_shape()}, expected {dtype} {shape}"
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Manifest.
+
+def load_manifest(root: str | os.PathLike, require_complete: bool = True) -> dict:
+    """Read ``root/manifest.json``; KeeprError (one line, naming the file) when it is missing, invalid or incomplete."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise KeeprError(f"{path}: not found; {root} is not a pair dataset (make one with generate_pairs.py)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KeeprError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KeeprError(f"{path}: not a KEEP:R pair manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise KeeprError(f"{path}: format version {manifest.get('version')} is not supported (expected {FORMAT_VERSION})")
+    if require_complete and not manifest.get("complete"):
+        raise KeeprError(f"{path}: the dataset is incomplete (generation was interrupted); "
+                         f"run generate_pairs.py again with the same --out_dir to finish it")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading.
+
+class PairDataset(Dataset):
+    """Random access to a complete pair directory: item i is ``{"image": uint8 [3,R,R], "z": float32 [z_dim],
+    "w": float32 [w_dim], "index": int64 []}``.
+
+    Each item is read straight from its shard's memory map (safetensors slices), so access is fast and memory stays
+    small at any resolution; shard handles are opened lazily per process (DataLoader workers included).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,    # Pair directory written by generate_pairs.py.
+        verify: bool = False,       # Also check every shard's sha256 against the manifest (reads everything).
+    ):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        m = self.manifest
+        self.num_pairs = int(m["num_pairs"])
+        self.resolution = int(m["resolution"])
+        self.z_dim, self.w_dim, self.num_ws = int(m["z_dim"]), int(m["w_dim"]), int(m["num_ws"])
+        self.generator_path = m["generator"]["path"]
+        self.generator_sha256 = m["generator"]["sha256"]
+        fp_id = fingerprint_id(m)
+        shards = m.get("shards") or []
+        expected = shard_ranges(self.num_pairs, int(m["shard_size"]))
+        if [(s["start"], s["stop"]) for s in shards] != expected:
+            raise KeeprError(f"{self.root / MANIFEST}: shard list does not cover pairs 0..{self.num_pairs - 1}")
+        for s in shards:
+            path = self.root / s["file"]
+            why = check_shard(path, s["start"], s["stop"], fp_id, self.resolution, self.z_dim, self.w_dim)
+            if why is not None:
+                raise KeeprError(f"{path}: {why}")
+            if verify and sha256_file(path) != s["sha256"]:
+                raise KeeprError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+        self._files = [self.root / s["file"] for s in shards]
+        self._starts = [int(s["start"]) for s in shards]
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def _handle(self, k: int):
+        h = self._handles.get(k)
+        if h is None:
+            h = self._handles[k] = safe_open(str(self._files[k]), framework="pt")
+        return h
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        i = int(i)
+        if i < 0:
+            i += self.num_pairs
+        if not 0 <= i < self.num_pairs:
+            raise IndexError(f"pair index {i} out of range for {self.num_pairs} pairs")
+        k = bisect.bisect_right(self._starts, i) - 1
+        j = i - self._starts[k]
+        f = self._handle(k)
+        return {key: f.get_slice(key)[j:j + 1][0] for key in SHARD_KEYS}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # safe_open handles cannot be pickled; each worker opens its own
+        return state
+
+
+class PairDataModule(pl.LightningDataModule):
+    """Train/val loaders over a pair directory.
+
+    Split rule (deterministic, by pair index): the last ``round(val_fraction * num_pairs)`` pairs (at least one when
+    ``val_fraction > 0``) are validation, all earlier ones training. Pairs are i.i.d. in their index, so this is an
+    unbiased split, and it never changes with batch size, workers or seed.
+    """
+
+    def __init__(
+        self,
+        root: str,                  # Pair directory written by generate_pairs.py.
+        batch_size: int = 32,       # Pairs per batch (train and val).
+        num_workers: int = 0,       # DataLoader worker processes.
+        val_fraction: float = 0.05, # Fraction of pairs held out for validation (the last indices).
+        pin_memory: bool = False,   # Pin host memory (GPU training).
+        drop_last: bool = True,     # Drop the last incomplete training batch.
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise KeeprError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise KeeprError(f"batch_size must be >= 1, got {batch_size}")
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.manifest = load_manifest(root)
+        n = int(self.manifest["num_pairs"])
+        n_val = int(round(val_fraction * n))
+        if val_fraction > 0:
+            n_val = min(max(n_val, 1), n - 1)
+        self.train_indices = list(range(0, n - n_val))
+        self.val_indices = list(range(n - n_val, n))
+        self.dataset: PairDataset | None = None
+        self.train_set: Subset | None = None
+        self.val_set: Subset | None = None
+
+    @property
+    def generator_path(self) -> str:
+        return self.manifest["generator"]["path"]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = PairDataset(self.root)
+            self.train_set = Subset(self.dataset, self.train_indices)
+            self.val_set = Subset(self.dataset, self.val_indices)
+
+    def _loader(self, subset: Subset, train: bool) -> DataLoader:
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, drop_last=train and self.drop_last and
+                          len(subset) >= self.batch_size, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, train=False)
