@@ -1,0 +1,91 @@
+"""Anonymize a video: the target person's face is replaced by a virtual face in every frame.
+
+    python infer.py --video IN --out OUT_DIR [--config configs/infer/default.yaml] [--candidate K] [--seed S]
+        [--swap_parts 1,2,5] [--face largest|INDEX|all] [--generator G] [--encoder E] [--cosegmentation C]
+        [--cosegmentation_config Y]
+
+Writes OUT_DIR/anonymized.mp4, candidates.png, latent.npy and report.json (see anonymizer/pipeline.py); every option
+of the config (``--detect.upsample``, ``--encode.crf``, ...) can be given on the command line and overrides it.
+``configs/infer/default.yaml`` is always read first; ``--config`` files and flags override it in order.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from anonymizer.pipeline import (BlendSettings, CropSettings, DetectSettings, EncodeSettings, InferSettings,
+                                 ModelPaths, SwapSettings, TrackSettings, VirtualFaceSettings, anonymize_video)
+from keepr.errors import KeeprError, cli_main
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "infer" / "default.yaml"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0], default_env=False,
+                       default_config_files=[str(DEFAULT_CONFIG)])
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/infer/*.yaml)")
+    p.add_argument("--video", type=str, required=True, help="input video (anything FFmpeg reads; GIF too)")
+    p.add_argument("--out", type=str, required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--generator", type=str, default=ModelPaths.generator,
+                   help="StyleGAN2 generator (NVlabs .pkl, rosinality .pt or KEEP:R .safetensors)")
+    p.add_argument("--encoder", type=str, default=ModelPaths.encoder, help="trained encoder (.safetensors)")
+    p.add_argument("--cosegmentation", type=str, default=ModelPaths.cosegmentation,
+                   help="co-part segmentation checkpoint (.pth.tar)")
+    p.add_argument("--cosegmentation_config", type=str, default=ModelPaths.cosegmentation_config,
+                   help="its YAML config (configs/cosegmentation/)")
+    p.add_argument("--candidate", type=Optional[int], default=None,
+                   help="virtual-face candidate index (default: the first that passes the identity guard)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the candidates' latent noise")
+    p.add_argument("--swap_parts", type=Union[str, list[int]], default="1,2,5",
+                   help="co-part segments swapped in from the virtual face, e.g. 1,2,5")
+    p.add_argument("--face", type=str, default="largest",
+                   help="which face: 'largest', 'all' or a track index (tracks sorted by size x duration)")
+    p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+    p.add_class_arguments(DetectSettings, "detect")
+    p.add_class_arguments(TrackSettings, "track")
+    p.add_class_arguments(CropSettings, "crop")
+    p.add_class_arguments(SwapSettings, "swap", skip={"parts"})
+    p.add_class_arguments(BlendSettings, "blend")
+    p.add_class_arguments(VirtualFaceSettings, "virtual_face", skip={"candidate"})
+    p.add_class_arguments(EncodeSettings, "encode")
+    return p
+
+
+def parse_parts(parts) -> list[int]:
+    if isinstance(parts, str):
+        try:
+            return [int(v) for v in parts.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise KeeprError(f"--swap_parts must be comma-separated integers, got {parts!r}") from None
+    return [int(v) for v in parts]
+
+
+def settings_from_args(cfg) -> InferSettings:
+    d = cfg.as_dict()
+    groups = {k: d[k] for k in ("detect", "track", "crop", "swap", "blend", "virtual_face", "encode")}
+    groups["swap"]["parts"] = parse_parts(d["swap_parts"])
+    groups["virtual_face"]["candidate"] = d["candidate"]
+    return InferSettings.from_dict({
+        "models": {k: d[k] for k in ("generator", "encoder", "cosegmentation", "cosegmentation_config")},
+        "face": str(d["face"]), "seed": d["seed"], "progress": d["progress"], **groups,
+    })
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    settings = settings_from_args(cfg)
+    report = anonymize_video(cfg.video, cfg.out, settings, command=["infer.py", *(sys.argv[1:] if argv is None else argv)])
+    t = report["totals"]
+    print(f"wrote {Path(cfg.out) / 'anonymized.mp4'} ({t['frames']} frames, {t['frames_anonymized']} anonymized, "
+          f"{t['fps']} frames/s overall); report: {Path(cfg.out) / 'report.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
