@@ -4,7 +4,7 @@
 #   2. 4000 (image, latent) pairs               -> outputs/pairs/tiny/
 #   3. encoder, short demo schedule             -> outputs/encoder_tiny_demo/encoder.safetensors
 #   4. infer.py on data/samples/lrwp9a.mpg      -> outputs/demo/ (anonymized.mp4, candidates.png, report.json)
-# Steps whose output already exists are skipped (delete outputs/ to start over). DEMO_PAIRS overrides the pair count.
+# Steps whose output already exists are skipped (the pair set is resumed or re-checked) (delete outputs/ to start over). DEMO_PAIRS overrides the pair count.
 # The tiny generator and co-part model are random, so the "virtual face" is a texture and the swapped crop is a
 # blurred copy of the frame: the person stays recognisable. The demo shows the machinery, not anonymization.
 set -euo pipefail
@@ -20,11 +20,10 @@ if [ ! -f outputs/tiny/generator_tiny.safetensors ] || [ ! -f outputs/tiny/coseg
   echo "== 1/4 tiny models"
   "$PY" scripts/make_tiny_models.py --out outputs/tiny
 fi
-if [ ! -f outputs/pairs/tiny/manifest.json ]; then
-  echo "== 2/4 tiny pairs"
-  "$PY" generate_pairs.py --config configs/pairs/tiny.yaml --generator outputs/tiny/generator_tiny.safetensors \
-    --out_dir outputs/pairs/tiny --num_pairs "$PAIRS"
-fi
+# Always run: generate_pairs.py resumes an interrupted set and only re-checks a complete one.
+echo "== 2/4 tiny pairs"
+"$PY" generate_pairs.py --config configs/pairs/tiny.yaml --generator outputs/tiny/generator_tiny.safetensors \
+  --out_dir outputs/pairs/tiny --num_pairs "$PAIRS"
 if [ ! -f outputs/encoder_tiny_demo/encoder.safetensors ]; then
   echo "== 3/4 encoder (demo schedule)"
   "$PY" train_encoder.py fit --config configs/encoder/tiny.yaml --config configs/encoder/tiny_demo.yaml
