@@ -1,0 +1,534 @@
+"""Evaluate anonymization methods on videos and photos: identity leakage, realism/utility, temporal stability.
+
+    python -m eval.run --videos data/samples/lrwp9a.mpg tests/fixtures/media/videos/bbaf2n.mpg \
+        --photos tests/fixtures/media/photos --methods keepr,blur,mosaic,blackbox,none --out results/
+
+Every method anonymizes the same tracked face (``anonymizer.tracking.FaceTracker`` over dlib HOG detections, the
+largest track). For each video and method the anonymized face is compared with the original frame by frame
+(``eval.metrics``, ``eval.temporal``); for the photos, each London ``<id>_neutral`` photo is anonymized and looked
+up in a gallery of all other photos (top-1 re-identification).
+
+Outputs in ``--out`` (each written atomically): ``results.csv`` (one row per video and method, plus ``ALL videos``
+and ``photos`` rows), ``results.md`` (the per-method table), ``leakage_vs_realism.png`` and
+``identity_distance.png`` (per-frame identity distance per method and video).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from eval import metrics as M
+from eval import temporal as T
+from eval.backbones import ImageQuality
+from eval.baselines import (PIXEL_METHODS, PixelMethod, expand_box, keepr_frames, keepr_settings, parse_methods,
+                            track_target)
+from keepr.errors import KeeprError, cli_main
+from keepr.fileio import atomic_path
+
+VIDEO_SUFFIXES = {".mp4", ".mpg", ".mpeg", ".mkv", ".avi", ".mov", ".gif", ".webm"}
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+LONDON_NAME = re.compile(r"^(\d+)_(neutral|smiling)$")
+NUMBERED_NAME = re.compile(r"^([A-Za-z][A-Za-z_-]*?)[_-]?\d+$")
+
+COUNT_COLUMNS = ("frames_described", "pose_frames")  # summed, not averaged, over videos
+# Columns of results.md: (key in the result row, header, format).
+TABLE_COLUMNS = [
+    ("frames", "frames", "{:d}"),
+    ("match_rate@0.6", "leak@0.6 ↓", "{:.1%}"),
+    ("match_rate@0.5", "leak@0.5 ↓", "{:.1%}"),
+    ("identity_distance_mean", "id dist ↑", "{:.3f}"),
+    ("track_attack_match@0.6", "track leak ↓", "{:.0%}"),
+    ("reid_top1", "re-id top-1 ↓", "{:.1%}"),
+    ("detection_rate", "detected ↑", "{:.1%}"),
+    ("descriptor_frechet", "desc. FD ↓", "{:.3f}"),
+    ("landmark_nme", "lmk NME ↓", "{:.3f}"),
+    ("yaw_error_deg", "yaw err° ↓", "{:.1f}"),
+    ("pitch_error_deg", "pitch err° ↓", "{:.1f}"),
+    ("warping_error", "warp err ↓", "{:.2f}"),
+    ("flicker_excess", "flicker+ ↓", "{:.2f}"),
+    ("identity_distance_spread", "id spread", "{:.3f}"),
+    ("fid", "FID ↓", "{:.1f}"),
+    ("kid", "KID ↓", "{:.4f}"),
+    ("lpips", "LPIPS", "{:.3f}"),
+]
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how (command-line flags map one to one)."""
+
+    methods: list[str] = field(default_factory=lambda: ["keepr", "blur", "mosaic", "blackbox", "none"])
+    max_frames: int | None = None  # evaluate only the first N frames of each video (None: all)
+    upsample: int = 1  # dlib HOG upsampling for measuring (tracking follows the infer settings)
+    margin: float = 0.2  # pixel methods: box growth on each side
+    inception_weights: str | None = None  # torchvision Inception-v3 weights for FID/KID
+    lpips_weights: str | None = None  # torchvision AlexNet weights for LPIPS
+    crop_size: int = 160  # face crop side for FID/KID/LPIPS
+    keepr: dict = field(default_factory=dict)  # infer.py options (config, generator, seed, ...); also set the tracking
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def list_files(paths: Sequence[str | Path] | None, suffixes: set[str], what: str) -> list[Path]:
+    """Expand files and directories (recursively) into a sorted list of files with the given suffixes."""
+    out: list[Path] = []
+    for p in paths or []:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in suffixes))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise KeeprError(f"{p}: no such {what} file or directory")
+    return list(dict.fromkeys(out))
+
+
+def photo_identity(path: Path) -> str:
+    """Identity from the file name: London ``<id>_neutral/_smiling`` -> ``london_<id>``; a name followed by a
+    number (``lisa1``, ``lisa2``) -> ``<folder>_<name>`` (one person, several photos); anything else (the Canada
+    distractors ``003f``, ...) is its own identity ``<folder>_<stem>``."""
+    m = LONDON_NAME.match(path.stem)
+    if m:
+        return f"london_{m.group(1)}"
+    m = NUMBERED_NAME.match(path.stem)
+    if m:
+        return f"{path.parent.name}_{m.group(1)}"
+    return f"{path.parent.name}_{path.stem}"
+
+
+def read_frames(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
+    """Decoded RGB frames (the first ``max_frames``) and the frame rate."""
+    from anonymizer.video import VideoReader
+
+    reader = VideoReader(path)
+    frames = []
+    for frame in reader:
+        if max_frames is not None and len(frames) >= max_frames:
+            break
+        frames.append(frame.image)
+    if not frames:
+        raise KeeprError(f"{path}: no frames decoded")
+    return frames, float(reader.fps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring one method on one clip.
+
+
+def _stack(ms: Sequence[M.FaceMeasurement], attr: str) -> np.ndarray:
+    return np.stack([getattr(m, attr) for m in ms])
+
+
+def _crop(frame: np.ndarray, box, size: int) -> np.ndarray:
+    import cv2
+
+    x0, y0, x1, y1 = box
+    cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * 1.4
+    sq = expand_box((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), frame.shape[1], frame.shape[0], 0.0)
+    return cv2.resize(frame[sq[1] : sq[3], sq[0] : sq[2]], (size, size), interpolation=cv2.INTER_AREA)
+
+
+@dataclass
+class ClipScore:
+    """Per-frame measurements of one method on one clip, and its summary row."""
+
+    row: dict
+    distances: np.ndarray  # per-frame identity distance (NaN: no reference face or no descriptor)
+    anonymized: list  # FaceMeasurement per frame
+
+
+def score_method(
+    name: str,
+    original: list[np.ndarray],
+    anonymized: list[np.ndarray],
+    boxes: list,
+    reference: list[M.FaceMeasurement],
+    measurer: M.FaceMeasurer,
+    settings: EvalSettings,
+    gallery: tuple[np.ndarray, list[str]] | None = None,
+    progress_desc: str = "",
+) -> ClipScore:
+    """All metrics of one anonymized clip against its original."""
+    it = zip(anonymized, boxes)
+    if settings.progress:
+        it = tqdm(it, total=len(anonymized), desc=progress_desc or f"measure {name}", leave=False, unit="frame")
+    # Frames where the target is lost carry no reference face: nothing to compare, nothing measured.
+    anon = [measurer.measure(frame, box) if box is not None else M.FaceMeasurement.missing() for frame, box in it]
+    has_face = np.array([b is not None for b in boxes])
+    ref_desc, anon_desc = _stack(reference, "descriptor"), _stack(anon, "descriptor")
+    ref_desc = np.where(has_face[:, None], ref_desc, np.nan)
+
+    row: dict = {"method": name}
+    leak = M.IdentityLeakage()
+    leak.update(ref_desc, anon_desc)
+    row.update(leak.compute())
+    distances = M.descriptor_distances(ref_desc, anon_desc)
+
+    # Detection rate over the frames where the detector finds the face in the original (what anonymization keeps).
+    det = M.DetectionRate()
+    det.update([m.detected for m, r in zip(anon, reference) if r.detected])
+    row.update(det.compute())
+    fd = M.DescriptorFrechetDistance()  # real faces vs anonymized faces the detector finds
+    detected = [m.descriptor for m in anon if m.detected]
+    fd.update(ref_desc[has_face], np.stack(detected) if detected else np.zeros((0, M.DESCRIPTOR_DIM)))
+    row.update(fd.compute())
+    lp = M.LandmarkPoseError()
+    lp.update(_stack(reference, "landmarks"), _stack(anon, "landmarks"), original[0].shape[:2])
+    row.update(lp.compute())
+
+    # Whole-track attack: average the anonymized descriptors over the clip and compare with the original's average.
+    ok_ref = ~np.isnan(ref_desc).any(1)
+    ok_anon = ~np.isnan(anon_desc).any(1)
+    if ok_ref.any() and ok_anon.any():
+        ref_mean, anon_mean = ref_desc[ok_ref].mean(0), anon_desc[ok_anon].mean(0)
+        dist = float(np.linalg.norm(ref_mean - anon_mean))
+        row["track_attack_distance"] = dist
+        row["track_attack_match@0.6"] = float(dist < M.SAME_PERSON_THRESHOLD)
+        if gallery is not None and len(gallery[1]):
+            reid = M.ReIdentification(np.vstack([gallery[0], ref_mean]), list(gallery[1]) + ["__target__"])
+            reid.update(anon_mean[None], ["__target__"])
+            row["track_attack_top1"] = reid.compute()["reid_top1"]
+    else:
+        row["track_attack_distance"] = float("nan")
+        row["track_attack_match@0.6"] = 0.0 if ok_ref.any() else float("nan")  # nothing to average: no leak
+
+    row.update(T.temporal_summary(original, anonymized, boxes, distances))
+
+    quality = ImageQuality(settings.inception_weights, settings.lpips_weights)
+    if quality.needs_crops:
+        idx = [i for i, b in enumerate(boxes) if b is not None]
+        if idx:
+            quality.update(np.stack([_crop(original[i], boxes[i], settings.crop_size) for i in idx]),
+                           np.stack([_crop(anonymized[i], boxes[i], settings.crop_size) for i in idx]))
+    row.update(quality.compute())
+    return ClipScore(row=row, distances=distances, anonymized=anon)
+
+
+def evaluate_video(
+    path: Path,
+    settings: EvalSettings,
+    measurer: M.FaceMeasurer,
+    gallery: tuple[np.ndarray, list[str]] | None = None,
+    work_dir: Path | None = None,
+) -> dict[str, ClipScore]:
+    """Track the target face once, anonymize it with every method, score each."""
+    frames, _fps = read_frames(path, settings.max_frames)
+    infer_settings = keepr_settings(settings.keepr)
+    infer_settings.progress = settings.progress
+    boxes = track_target(frames, infer_settings, progress=settings.progress, desc=f"track {path.name}")
+    if all(b is None for b in boxes):
+        raise KeeprError(f"{path}: no face found in any frame")
+    it = zip(frames, boxes)
+    if settings.progress:
+        it = tqdm(it, total=len(frames), desc=f"measure original {path.name}", leave=False, unit="frame")
+    reference = [measurer.measure(f, b) if b is not None else M.FaceMeasurement.missing() for f, b in it]
+    scores: dict[str, ClipScore] = {}
+    for name in settings.methods:
+        if name == "keepr":
+            with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+                anonymized = keepr_frames(path, Path(tmp) / "keepr", len(frames), infer_settings)
+            if len(anonymized) != len(frames):
+                raise KeeprError(f"{path}: KEEP:R output has {len(anonymized)} frames, expected {len(frames)}")
+        else:
+            anonymized = list(PixelMethod(name, margin=settings.margin)(frames, boxes))
+        score = score_method(name, frames, anonymized, boxes, reference, measurer, settings, gallery,
+                             progress_desc=f"measure {name} {path.name}")
+        score.row = {"dataset": path.name, **score.row}
+        scores[name] = score
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Photos: gallery and top-1 re-identification.
+
+
+def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer, progress: bool = True) -> dict[Path, M.FaceMeasurement]:
+    """The largest face of every photo (photos without a face are left out)."""
+    from anonymizer.faces import load_image
+
+    out = {}
+    it = tqdm(paths, desc="describe photos", leave=False, unit="photo") if progress else paths
+    for p in it:
+        m = measurer.measure(load_image(p), None)
+        if m.detected:
+            out[p] = m
+    return out
+
+
+def evaluate_photos(paths: Sequence[Path], described: dict[Path, M.FaceMeasurement], settings: EvalSettings,
+                    measurer: M.FaceMeasurer) -> dict[str, dict]:
+    """Per method: anonymize each London neutral probe and find its nearest gallery photo (all other photos)."""
+    from anonymizer.faces import load_image
+
+    probes = [p for p in described if LONDON_NAME.match(p.stem) and p.stem.endswith("_neutral")]
+    probes = [p for p in probes if any(photo_identity(q) == photo_identity(p) and q != p for q in described)]
+    rows: dict[str, dict] = {}
+    if not probes:
+        return rows
+    for name in settings.methods:
+        row: dict = {"dataset": "photos", "method": name}
+        if name not in PIXEL_METHODS:
+            row["reid_top1"] = "unavailable (keepr runs on videos)"
+            rows[name] = row
+            continue
+        reid_hits, leak, det = [], M.IdentityLeakage(), M.DetectionRate()
+        it = tqdm(probes, desc=f"re-id {name}", leave=False, unit="photo") if settings.progress else probes
+        for p in it:
+            ref = described[p]
+            img = PixelMethod(name, margin=settings.margin).apply(load_image(p), ref.box)
+            anon = measurer.measure(img, ref.box)
+            det.update([anon.detected])
+            leak.update(ref.descriptor[None], anon.descriptor[None])
+            others = [q for q in described if q != p]
+            reid = M.ReIdentification(np.stack([described[q].descriptor for q in others]), [photo_identity(q) for q in others])
+            reid.update(anon.descriptor[None], [photo_identity(p)])
+            reid_hits.append(reid.compute())
+        row["reid_probes"] = len(probes)
+        row["reid_gallery"] = len(described) - 1
+        row["reid_top1"] = float(np.mean([h["reid_top1"] for h in reid_hits]))
+        row["reid_top1_within@0.6"] = float(np.mean([h["reid_top1_within@0.6"] for h in reid_hits]))
+        r = leak.compute()
+        row["photo_match_rate@0.6"] = r["match_rate@0.6"]
+        row["photo_detection_rate"] = det.compute()["detection_rate"]
+        rows[name] = row
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation and outputs.
+
+
+def aggregate(per_video: dict[str, dict[str, ClipScore]], methods: Sequence[str]) -> dict[str, dict]:
+    """One row per method over all videos: frame-weighted means of the per-clip numbers."""
+    out = {}
+    for name in methods:
+        rows = [clips[name].row for clips in per_video.values() if name in clips]
+        if not rows:
+            continue
+        weights = np.array([r["frames"] for r in rows], dtype=np.float64)
+        agg: dict = {"dataset": "ALL videos", "method": name, "frames": int(weights.sum())}
+        keys = [k for k in rows[0] if k not in ("dataset", "method", "frames")]
+        for k in keys:
+            if k in COUNT_COLUMNS:
+                agg[k] = int(sum(int(r.get(k) or 0) for r in rows))
+                continue
+            vals = [r.get(k) for r in rows]
+            if any(isinstance(v, str) for v in vals):
+                agg[k] = next(v for v in vals if isinstance(v, str))
+                continue
+            v = np.array([np.nan if x is None else x for x in vals], dtype=np.float64)
+            ok = np.isfinite(v)
+            agg[k] = float((v[ok] * weights[ok]).sum() / weights[ok].sum()) if ok.any() else float("nan")
+        out[name] = agg
+    return out
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return "n/a" if value.startswith("unavailable") else value
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    if fmt == "{:d}":
+        return str(int(value))
+    return fmt.format(value)
+
+
+def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos: Sequence[Path], photos_count: int) -> str:
+    """The per-method results table (videos aggregated; re-id from the photos) with notes on unavailable metrics."""
+    cols = [c for c in TABLE_COLUMNS]
+    lines = ["| method | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    notes = set()
+    for name, row in summary.items():
+        merged = dict(row)
+        if name in photo_rows and "reid_top1" in photo_rows[name]:
+            merged["reid_top1"] = photo_rows[name]["reid_top1"]
+        for k, _, _ in cols:
+            if isinstance(merged.get(k), str) and merged[k].startswith("unavailable"):
+                notes.add(f"{k}: {merged[k]}")
+        lines.append(f"| {name} | " + " | ".join(_fmt(merged.get(k), f) for k, _, f in cols) + " |")
+    text = "\n".join(lines) + "\n"
+    text += (
+        f"\nVideos: {', '.join(v.name for v in videos)}; photos for re-identification: {photos_count}. "
+        "leak@t: share of frames whose anonymized face is within dlib distance t of the original (an attacker that "
+        "knows the face box); track leak: the same for descriptors averaged over each video; re-id top-1: London "
+        "neutral photos, anonymized, whose nearest gallery photo is the same person; detected: dlib HOG finds the "
+        "anonymized face (frames where it finds the original); desc. FD: Frechet distance of dlib descriptor sets; lmk NME / yaw / pitch: landmark and "
+        "head-pose error against the original (detected faces only); warp err: Farneback-flow warping error (grey "
+        "levels); flicker+: face brightness change not in the original (grey levels/frame); id spread: std of the "
+        "per-frame identity distance.\n"
+    )
+    for n in sorted(notes):
+        text += f"\n- {n}"
+    return text + ("\n" if notes else "")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    with atomic_path(path, ".csv") as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def plot_results(out_dir: Path, summary: dict[str, dict], per_video: dict[str, dict[str, ClipScore]]) -> list[Path]:
+    """leakage_vs_realism.png and identity_distance.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k, (name, row) in enumerate(summary.items()):
+        x = row.get("match_rate@0.6", float("nan"))
+        for ax, key, label in ((axes[0], "detection_rate", "face detection rate after anonymization ↑"),
+                               (axes[1], "landmark_nme", "landmark NME vs original ↓ (detected faces)")):
+            y = row.get(key, float("nan"))
+            if isinstance(y, float) and not math.isnan(y) and not math.isnan(x):
+                ax.scatter([x], [y], s=60)
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 + 11 * k))  # no overlap
+            ax.set_xlabel("identity leakage: match rate @0.6 ↓")
+            ax.set_ylabel(label)
+    axes[0].set_xlim(-0.05, 1.05)
+    axes[0].set_ylim(-0.05, 1.05)
+    fig.suptitle("Leakage against realism per method (all videos)")
+    fig.tight_layout()
+    path = out_dir / "leakage_vs_realism.png"
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    n = max(1, len(per_video))
+    fig, axes = plt.subplots(n, 1, figsize=(9, 2.8 * n), squeeze=False)
+    for ax, (video, clips) in zip(axes[:, 0], per_video.items()):
+        for name, clip in clips.items():
+            ax.plot(np.arange(len(clip.distances)), clip.distances, label=name, lw=1.2)
+        ax.axhline(M.SAME_PERSON_THRESHOLD, color="k", ls="--", lw=0.8)
+        ax.axhline(M.STRICT_THRESHOLD, color="gray", ls=":", lw=0.8)
+        ax.set_title(video)
+        ax.set_xlabel("frame")
+        ax.set_ylabel("dlib distance to original")
+        ax.legend(fontsize=7, ncol=5)
+    fig.tight_layout()
+    path = out_dir / "identity_distance.png"
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]  # everything written to results.csv
+    summary: dict[str, dict]  # per-method aggregate over videos
+    photo_rows: dict[str, dict]
+    per_video: dict[str, dict[str, ClipScore]]
+    table: str  # results.md
+    files: list[Path]
+
+
+def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, out_dir: str | Path,
+             settings: EvalSettings | None = None) -> EvalResult:
+    """Run the whole evaluation and write results.csv, results.md and the plots to ``out_dir``."""
+    settings = settings or EvalSettings()
+    settings.methods = parse_methods(settings.methods)
+    video_paths = list_files(videos, VIDEO_SUFFIXES, "video")
+    if not video_paths:
+        raise KeeprError("--videos: no video files given")
+    photo_paths = list_files(photos, PHOTO_SUFFIXES, "photo")
+    out_dir = Path(out_dir)
+    if "keepr" in settings.methods:
+        from anonymizer.pipeline import check_model_files, check_settings
+
+        infer_settings = keepr_settings(settings.keepr)
+        check_settings(infer_settings)
+        check_model_files(infer_settings.models)  # fail before any work when a model file is missing
+    measurer = M.FaceMeasurer(upsample=settings.upsample)
+
+    described = describe_photos(photo_paths, measurer, settings.progress) if photo_paths else {}
+    gallery = None
+    if described:
+        gallery = (np.stack([m.descriptor for m in described.values()]), [photo_identity(p) for p in described])
+
+    per_video: dict[str, dict[str, ClipScore]] = {}
+    it = tqdm(video_paths, desc="videos", unit="video") if settings.progress else video_paths
+    for v in it:
+        per_video[v.name] = evaluate_video(v, settings, measurer, gallery)
+    summary = aggregate(per_video, settings.methods)
+    photo_rows = evaluate_photos(photo_paths, described, settings, measurer) if described else {}
+
+    rows = [clip.row for clips in per_video.values() for clip in clips.values()]
+    rows += list(summary.values()) + list(photo_rows.values())
+    table = markdown_table(summary, photo_rows, video_paths, len(described))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / "results.csv", rows)
+    with atomic_path(out_dir / "results.md", ".md") as tmp:
+        tmp.write_text(table)
+    files = [out_dir / "results.csv", out_dir / "results.md"] + plot_results(out_dir, summary, per_video)
+    return EvalResult(rows, summary, photo_rows, per_video, table, files)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--videos", nargs="+", required=True, help="video files or directories")
+    p.add_argument("--photos", nargs="*", default=None, help="photo files or directories (re-identification gallery)")
+    p.add_argument("--methods", default="keepr,blur,mosaic,blackbox,none", help="comma-separated methods")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max_frames", type=int, default=None, help="evaluate only the first N frames of each video")
+    p.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling steps")
+    p.add_argument("--margin", type=float, default=0.2, help="pixel methods: face box growth per side")
+    p.add_argument("--inception_weights", default=None, help="torchvision Inception-v3 weights (FID/KID)")
+    p.add_argument("--lpips_weights", default=None, help="torchvision AlexNet weights (LPIPS)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("keepr method (passed to anonymizer.pipeline)")
+    g.add_argument("--config", default=None, help="infer config YAML (e.g. configs/infer/tiny.yaml)")
+    g.add_argument("--generator", default=None)
+    g.add_argument("--encoder", default=None)
+    g.add_argument("--cosegmentation", default=None)
+    g.add_argument("--cosegmentation_config", default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--candidate", type=int, default=None)
+    return p
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> EvalResult:
+    args = build_parser().parse_args(argv)
+    keepr = {k: getattr(args, k) for k in ("config", "generator", "encoder", "cosegmentation",
+                                           "cosegmentation_config", "seed", "candidate") if getattr(args, k) is not None}
+    settings = EvalSettings(
+        methods=parse_methods(args.methods), max_frames=args.max_frames, upsample=args.upsample, margin=args.margin,
+        inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, keepr=keepr,
+        progress=not args.no_progress,
+    )
+    result = evaluate(args.videos, args.photos, args.out, settings)
+    print(result.table)
+    for f in result.files:
+        print(f"wrote {f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

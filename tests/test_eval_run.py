@@ -1,0 +1,160 @@
+"""`python -m eval.run` end to end on a real clip and the London photos (few frames to stay fast)."""
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from eval.run import main, photo_identity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(path: Path) -> dict[tuple[str, str], dict]:
+    with open(path, newline="") as f:
+        return {(r["dataset"], r["method"]): r for r in csv.DictReader(f)}
+
+
+def test_photo_identity_from_file_names():
+    assert photo_identity(Path("g/london_512/017_neutral.jpg")) == "london_017"
+    assert photo_identity(Path("g/london_512/017_smiling.jpg")) == "london_017"
+    assert photo_identity(Path("g/canada_512/003f.jpg")) == "canada_512_003f"
+    assert photo_identity(Path("g/lisa/lisa1.jpg")) == photo_identity(Path("g/lisa/lisa2.jpg")) == "lisa_lisa"
+    assert photo_identity(Path("g/misc/astronaut_eileen_collins.png")) == "misc_astronaut_eileen_collins"
+
+
+def test_baselines_on_real_clip_and_photos(media_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    result = main([
+        "--videos", str(media_dir / "videos" / "bbaf2n.mpg"),
+        "--photos", str(media_dir / "photos" / "london_512"),
+        "--methods", "none,blur,mosaic,blackbox", "--out", str(out), "--max_frames", "6", "--no_progress",
+    ])
+    for name in ("results.csv", "results.md", "leakage_vs_realism.png", "identity_distance.png"):
+        assert (out / name).is_file(), name
+    for name in ("leakage_vs_realism.png", "identity_distance.png"):
+        img = cv2.imread(str(out / name))
+        assert img is not None and img.shape[0] > 100 and img.shape[1] > 100
+    assert not list(out.glob(".*tmp"))  # no temporary leftovers
+
+    rows = _rows(out / "results.csv")
+    none, black = rows[("bbaf2n.mpg", "none")], rows[("bbaf2n.mpg", "blackbox")]
+    # `none` leaks 100% (the face is the original); `blackbox` is never detected and never matched.
+    assert int(none["frames"]) == 6 and float(none["match_rate@0.6"]) == 1.0 and float(none["identity_distance_mean"]) == 0
+    assert float(none["detection_rate"]) == 1.0 and float(none["landmark_nme"]) == 0.0
+    assert float(black["detection_rate"]) == 0.0 and float(black["match_rate@0.6"]) == 0.0
+    assert math.isnan(float(black["landmark_nme"]))
+    for m in ("blur", "mosaic"):
+        r = rows[("bbaf2n.mpg", m)]
+        assert 0.0 <= float(r["match_rate@0.6"]) <= 1.0 and float(r["identity_distance_mean"]) > 0
+        assert float(r["warping_error"]) >= 0 and float(r["flicker"]) >= 0
+    # The photo re-identification: the original neutral photo finds its own smiling photo; a black box finds nobody.
+    assert float(rows[("photos", "none")]["reid_top1"]) == 1.0 and int(rows[("photos", "none")]["reid_probes"]) == 5
+    assert float(rows[("photos", "blackbox")]["photo_detection_rate"]) == 0.0
+    # Aggregate rows and the FID/KID/LPIPS placeholders (no weights given).
+    assert ("ALL videos", "blur") in rows
+    assert rows[("ALL videos", "none")]["fid"].startswith("unavailable (no weights: pass --inception_weights PATH)")
+
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| method |") and "| blackbox |" in table
+    assert "lpips: unavailable (no weights: pass --lpips_weights PATH)" in table
+    assert result.summary["none"]["match_rate@0.6"] == 1.0
+    assert "| none |" in capsys.readouterr().out
+
+
+def _fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, media_dir, capsys):
+    video = str(media_dir / "videos" / "bbaf2n.mpg")
+    assert "pixelate" in _fails(["--videos", video, "--out", str(tmp_path / "r"), "--methods", "blur,pixelate"], capsys)
+    assert "missing.mp4" in _fails(["--videos", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "r"),
+                                    "--methods", "none"], capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_module_entry_point(tmp_path):
+    """``python -m eval.run`` is wired to ``main`` (error path: no work done)."""
+    r = subprocess.run([sys.executable, "-m", "eval.run", "--videos", str(tmp_path / "none.mp4"), "--out",
+                        str(tmp_path / "r"), "--methods", "none"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "none.mp4" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Tiny random-init generator and co-part model, and an untrained tiny encoder (the machinery, not the look)."""
+    import torch
+    import yaml
+
+    from models.cosegmentation import make_tiny_cosegmentation
+    from models.encoder import Encoder, save_encoder
+    from models.stylegan2 import make_tiny_generator
+
+    d = tmp_path_factory.mktemp("eval_tiny")
+    G = make_tiny_generator(seed=0)
+    G.save(d / "generator_tiny.safetensors")
+    make_tiny_cosegmentation(config=str(ROOT / "configs" / "cosegmentation" / "tiny.yaml"), seed=0).save(
+        d / "cosegmentation_tiny.pth.tar")
+    cfg = yaml.safe_load((ROOT / "configs" / "encoder" / "tiny.yaml").read_text())["model"]["encoder"]
+    torch.manual_seed(0)
+    enc = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, **cfg)
+    save_encoder(enc, d / "encoder.safetensors", d / "generator_tiny.safetensors")
+    return d
+
+
+@pytest.mark.slow
+def test_keepr_method_through_pipeline(tiny_models, media_dir, tmp_path):
+    d = tiny_models
+    out = tmp_path / "results"
+    result = main([
+        "--videos", str(media_dir / "videos" / "bbaf2n.mpg"), "--methods", "keepr,none", "--out", str(out),
+        "--max_frames", "5", "--no_progress", "--config", str(ROOT / "configs" / "infer" / "tiny.yaml"),
+        "--generator", str(d / "generator_tiny.safetensors"), "--encoder", str(d / "encoder.safetensors"),
+        "--cosegmentation", str(d / "cosegmentation_tiny.pth.tar"),
+        "--cosegmentation_config", str(ROOT / "configs" / "cosegmentation" / "tiny.yaml"),
+    ])
+    rows = _rows(out / "results.csv")
+    keepr = rows[("bbaf2n.mpg", "keepr")]
+    assert int(keepr["frames"]) == 5 and int(keepr["frames_described"]) == 5
+    # The keepr frames differ from the original (something was pasted), and every metric is a measured number.
+    clip = result.per_video["bbaf2n.mpg"]
+    assert clip["keepr"].distances.shape == (5,) and (clip["keepr"].distances > 0).all()
+    for k in ("match_rate@0.6", "identity_distance_mean", "detection_rate", "warping_error", "flicker_excess"):
+        assert math.isfinite(float(keepr[k])), k
+
+
+def test_keepr_missing_weights_is_clean_error(tmp_path, media_dir, capsys):
+    err = _fails(["--videos", str(media_dir / "videos" / "bbaf2n.mpg"), "--methods", "keepr,none", "--out",
+                  str(tmp_path / "r"), "--max_frames", "2", "--no_progress", "--generator", str(tmp_path / "nope.pkl")],
+                 capsys)
+    assert "nope.pkl" in err and "StyleGAN2" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_aggregate_weights_by_frames_and_sums_counts():
+    import numpy as np
+
+    from eval.run import ClipScore, aggregate
+
+    a = ClipScore({"dataset": "a", "method": "blur", "frames": 10, "frames_described": 10, "pose_frames": 4,
+                   "match_rate@0.6": 0.0, "warping_error": 1.0, "fid": "unavailable (x)"}, np.zeros(10), [])
+    b = ClipScore({"dataset": "b", "method": "blur", "frames": 30, "frames_described": 28, "pose_frames": 6,
+                   "match_rate@0.6": 1.0, "warping_error": float("nan"), "fid": "unavailable (x)"}, np.zeros(30), [])
+    agg = aggregate({"a": {"blur": a}, "b": {"blur": b}}, ["blur", "none"])
+    assert list(agg) == ["blur"]
+    r = agg["blur"]
+    assert r["frames"] == 40 and r["frames_described"] == 38 and r["pose_frames"] == 10
+    assert r["match_rate@0.6"] == pytest.approx(0.75)  # frame-weighted
+    assert r["warping_error"] == 1.0  # NaN clips are left out
+    assert r["fid"] == "unavailable (x)"
