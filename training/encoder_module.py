@@ -1,0 +1,342 @@
+"""Training the image -> latent encoder on (image, w) pairs made by a frozen StyleGAN2 generator.
+
+``EncoderModule`` owns the trainable encoder; the generator is loaded from the pair set's manifest (or an explicit
+path), kept frozen and outside the module's parameters so checkpoints stay small. ``ExportEncoder`` writes the
+trained encoder to the file inference loads (see ``models.encoder.load_encoder``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import CatMetric, MeanMetric
+
+from datasets.pairs import load_manifest
+from keepr.errors import KeeprError, MissingWeightsError
+from keepr.fileio import sha256_file
+from models.encoder import Encoder, save_encoder
+
+# ----------------------------------------------------------------------------
+
+
+def resolve_generator_path(generator_path: Optional[str], pairs_root: Optional[str]) -> Path:
+    """The generator to train against: ``generator_path`` if given, else the one named in the pair manifest.
+
+    When both a manifest and a generator are known, their sha256 must agree: an encoder trained on pairs from
+    another generator would be tied to the wrong one at export.
+    """
+    manifest = load_manifest(pairs_root, require_complete=False) if pairs_root else None
+    recorded = (manifest or {}).get("generator") or {}
+    if generator_path:
+        path = Path(generator_path)
+    elif recorded.get("path"):
+        path = Path(recorded["path"])
+        if not path.is_absolute() and not path.exists():
+            path = Path(pairs_root) / path  # Relative to the pair directory.
+    else:
+        raise KeeprError("no generator: give model.generator_path or a pair directory whose manifest.json names one")
+    if not path.is_file():
+        raise MissingWeightsError(str(path), "StyleGAN2 generator", "see tests/fixtures/specs/STYLEGAN2_CHECKPOINTS.md")
+    if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
+        raise KeeprError(f"{path}: generator differs from the one that made the pairs in {pairs_root} "
+                         f"(manifest sha256 {recorded['sha256'][:12]}...)")
+    return path
+
+
+def to_float_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,3,H,W] in [0,255] -> float in [-1,1] (floats are passed through)."""
+    if image.dtype == torch.uint8:
+        return image.float() / 127.5 - 1.0
+    return image.float()
+
+
+class EncoderModule(pl.LightningModule):
+    """Encoder training with weighted latent MSE, pixel L2 through the frozen generator, and optional LPIPS.
+
+    Validation logs (``val/`` prefix): ``latent_mse``; ``latent_mse_wavg`` (the trivial predictor ``w_avg``) and
+    ``latent_mse_ratio`` = latent_mse / latent_mse_wavg; ``latent_var`` (the MSE of the best constant predictor,
+    the validation mean) and ``latent_mse_var_ratio``; ``latent_cos`` (cosine of predicted and true w) and
+    ``offset_cos`` (cosine of their offsets from w_avg, 0 for the trivial predictor); ``pixel_mse`` (re-synthesis
+    of the prediction against the pair image, both in [-1,1]) and ``pixel_mse_wavg`` (the same for w_avg's image).
+    """
+
+    def __init__(self,
+        generator_path: Optional[str] = None,       # Generator file; default: the one named in the pair manifest.
+        pairs_root: Optional[str] = None,           # Pair directory (linked from data.root by train_encoder.py).
+        encoder: Optional[dict] = None,             # models.encoder.Encoder kwargs; w_dim/num_ws come from the generator.
+        latent_weight: float = 1.0,                 # Weight of the latent MSE (the original design's loss).
+        pixel_weight: float = 0.0,                  # Weight of the pixel L2 of the re-synthesised image.
+        lpips_weight: float = 0.0,                  # Weight of LPIPS of the re-synthesised image (needs backbone weights).
+        lpips_net: str = "alex",                    # LPIPS trunk: "alex" or "vgg".
+        lpips_backbone_path: Optional[str] = None,  # torchvision ImageNet weights of the LPIPS trunk.
+        lr: float = 1e-3,                           # Adam learning rate.
+        betas: tuple[float, float] = (0.9, 0.999),  # Adam betas.
+        weight_decay: float = 0.0,                  # AdamW weight decay.
+        warmup_steps: int = 0,                      # Linear learning-rate warm-up.
+        cosine_decay: bool = True,                  # Cosine decay to zero over the run's optimizer steps.
+        log_images: int = 0,                        # Inputs/re-syntheses shown in the logger each validation (0: none).
+        ema_decay: float = 0.0,                     # > 0: keep an exponential moving average of the encoder weights,
+                                                    # validated and exported instead of the raw weights.
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if min(latent_weight, pixel_weight, lpips_weight) < 0 or latent_weight + pixel_weight + lpips_weight <= 0:
+            raise KeeprError(f"loss weights must be >= 0 and not all zero (latent {latent_weight}, pixel {pixel_weight}, lpips {lpips_weight})")
+        from models.stylegan2 import load_generator
+
+        self.generator_path = str(resolve_generator_path(generator_path, pairs_root))
+        G = load_generator(self.generator_path, device="cpu").eval().requires_grad_(False)
+        object.__setattr__(self, "_G", G)  # Not a submodule: frozen, never in checkpoints or DDP.
+
+        kwargs = dict(encoder or {})
+        for key in ("w_dim", "num_ws"):
+            if key in kwargs and int(kwargs[key]) != int(getattr(G, key)):
+                raise KeeprError(f"encoder.{key}={kwargs[key]} does not match the generator ({getattr(G, key)})")
+        kwargs.update(w_dim=G.w_dim, num_ws=G.num_ws)
+        kwargs.setdefault("img_resolution", G.img_resolution)
+        kwargs.setdefault("img_channels", G.img_channels)
+        self.encoder = Encoder(**kwargs)
+        with torch.no_grad():
+            self.encoder.w_avg.copy_(G.w_avg.detach().float().cpu())
+        if not 0.0 <= ema_decay < 1.0:
+            raise KeeprError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.encoder_ema = copy.deepcopy(self.encoder).requires_grad_(False) if ema_decay > 0 else None
+
+        self.lpips = None
+        if lpips_weight > 0:
+            from criteria.lpips_loss import LPIPSLoss
+            self.lpips = LPIPSLoss(lpips_backbone_path, net=lpips_net)
+
+        self.val_latent_mse = MeanMetric()
+        self.val_latent_mse_wavg = MeanMetric()
+        self.val_latent_cos = MeanMetric()
+        self.val_offset_cos = MeanMetric()
+        self.val_pixel_mse = MeanMetric()
+        self.val_pixel_mse_wavg = MeanMetric()
+        self.val_w = CatMetric()  # Validation latents, for the best constant predictor (their mean).
+
+    # The generator follows the module's device without being registered as a submodule.
+    @property
+    def generator(self):
+        if self._G.w_avg.device != self.device:
+            self._G.to(self.device)
+        return self._G
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        # The LPIPS network is fixed user-supplied weights: not part of the checkpoint.
+        for key in [k for k in state if k.startswith("lpips.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        if self.lpips is not None:
+            state_dict = dict(state_dict)
+            state_dict.update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    @property
+    def eval_encoder(self) -> Encoder:
+        """The weights validated and exported: the moving average when ``ema_decay > 0``."""
+        return self.encoder_ema if self.encoder_ema is not None else self.encoder
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.encoder_ema is None:
+            return
+        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # Warm-up of the average.
+        for p_ema, p in zip(self.encoder_ema.parameters(), self.encoder.parameters()):
+            p_ema.lerp_(p, 1.0 - decay)
+        for b_ema, b in zip(self.encoder_ema.buffers(), self.encoder.buffers()):
+            b_ema.copy_(b)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["encoder_config"] = dict(self.encoder.init_kwargs)
+        checkpoint["generator_path"] = self.generator_path
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.encoder(img)
+
+    def target_ws(self, w: torch.Tensor) -> torch.Tensor:
+        """Pair latents [N,w_dim] (or [N,num_ws,w_dim]) -> ws [N,num_ws,w_dim]."""
+        if w.ndim == 2:
+            w = w.unsqueeze(1).expand(-1, self.encoder.num_ws, -1)
+        assert w.shape[1:] == (self.encoder.num_ws, self.encoder.w_dim), f"unexpected w shape {tuple(w.shape)}"
+        return w.float()
+
+    def synthesize(self, ws: torch.Tensor) -> torch.Tensor:
+        return self.generator.synthesis(ws, noise_mode="const")
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted training loss on one batch and its parts."""
+        hp = self.hparams
+        img = to_float_image(batch["image"])
+        target = self.target_ws(batch["w"])
+        ws = self.encoder(img)
+        parts = {}
+        loss = img.new_zeros(())
+        if hp.latent_weight > 0:
+            parts["latent_mse"] = F.mse_loss(ws, target)
+            loss = loss + hp.latent_weight * parts["latent_mse"]
+        if hp.pixel_weight > 0 or hp.lpips_weight > 0:
+            synth = self.synthesize(ws)
+            if synth.shape[-2:] != img.shape[-2:]:
+                synth = F.interpolate(synth, size=img.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+            if hp.pixel_weight > 0:
+                parts["pixel_mse"] = F.mse_loss(synth, img)
+                loss = loss + hp.pixel_weight * parts["pixel_mse"]
+            if hp.lpips_weight > 0:
+                parts["lpips"] = self.lpips(synth, img)
+                loss = loss + hp.lpips_weight * parts["lpips"]
+        parts["loss"] = loss
+        return loss, parts
+
+    def training_step(self, batch, batch_idx):
+        loss, parts = self.compute_loss(batch)
+        n = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, prog_bar=False, batch_size=n)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=n)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        img = to_float_image(batch["image"])
+        target = self.target_ws(batch["w"])
+        ws = self.eval_encoder(img)
+        w_avg = self.encoder.w_avg.reshape(1, 1, -1)
+        n = img.shape[0]
+        self.val_latent_mse.update((ws - target).square().mean(dim=(1, 2)))
+        self.val_latent_mse_wavg.update((w_avg - target).square().mean(dim=(1, 2)))
+        self.val_latent_cos.update(F.cosine_similarity(ws, target, dim=2).mean(dim=1))
+        self.val_offset_cos.update(F.cosine_similarity(ws - w_avg, target - w_avg, dim=2).mean(dim=1))
+        self.val_w.update(target[:, 0])
+        synth = self.synthesize(torch.cat([ws, w_avg.expand(1, ws.shape[1], -1)]))
+        if synth.shape[-2:] != img.shape[-2:]:
+            synth = F.interpolate(synth, size=img.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        synth, synth_avg = synth[:n], synth[n:]
+        self.val_pixel_mse.update((synth - img).square().mean(dim=(1, 2, 3)))
+        self.val_pixel_mse_wavg.update((synth_avg - img).square().mean(dim=(1, 2, 3)))
+        if batch_idx == 0 and self.hparams.log_images > 0:
+            self._log_images(img[: self.hparams.log_images], synth[: self.hparams.log_images])
+
+    def on_validation_epoch_end(self):
+        mse = self.val_latent_mse.compute()
+        mse_wavg = self.val_latent_mse_wavg.compute()
+        w = self.val_w.compute().reshape(-1, self.encoder.w_dim)
+        var = (w - w.mean(dim=0)).square().mean()
+        metrics = {
+            "val/latent_mse": mse,
+            "val/latent_mse_wavg": mse_wavg,
+            "val/latent_mse_ratio": mse / mse_wavg,
+            "val/latent_var": var,
+            "val/latent_mse_var_ratio": mse / var,
+            "val/latent_cos": self.val_latent_cos.compute(),
+            "val/offset_cos": self.val_offset_cos.compute(),
+            "val/pixel_mse": self.val_pixel_mse.compute(),
+            "val/pixel_mse_wavg": self.val_pixel_mse_wavg.compute(),
+        }
+        self.log_dict(metrics, prog_bar=False, sync_dist=False)  # Already reduced across processes by torchmetrics.
+        self.log("val_ratio", metrics["val/latent_mse_ratio"], prog_bar=True, logger=False)
+        if not self.trainer.sanity_checking:
+            self.print(f"epoch {self.current_epoch} step {self.global_step}: " +
+                       " ".join(f"{k[4:]}={v.item():.4g}" for k, v in metrics.items()))
+        for m in (self.val_latent_mse, self.val_latent_mse_wavg, self.val_latent_cos, self.val_offset_cos,
+                  self.val_pixel_mse, self.val_pixel_mse_wavg, self.val_w):
+            m.reset()
+
+    def _log_images(self, img: torch.Tensor, synth: torch.Tensor) -> None:
+        logger = self.logger
+        if logger is None or not hasattr(logger, "log_image") or not self.trainer.is_global_zero:
+            return
+        from torchvision.utils import make_grid
+        grid = make_grid(torch.cat([img, synth.clamp(-1, 1)]).cpu(), nrow=img.shape[0], normalize=True, value_range=(-1, 1))
+        logger.log_image(key="val/inputs_and_resyntheses", images=[grid], step=self.global_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.encoder.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+
+        def factor(step: int) -> float:
+            if hp.warmup_steps > 0 and step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if not hp.cosine_decay:
+                return 1.0
+            t = min(max(step - hp.warmup_steps, 0) / max(total - hp.warmup_steps, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------
+
+
+def load_encoder_from_checkpoint(ckpt_path: str | os.PathLike, template: Encoder | None = None) -> Encoder:
+    """The encoder of a training checkpoint (its moving average if it has one), read with ``weights_only=True``."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise KeeprError(f"{ckpt_path}: checkpoint not found")
+    try:
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise KeeprError(f"{ckpt_path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
+    weights = ckpt.get("state_dict", {})
+    prefix = "encoder_ema." if any(k.startswith("encoder_ema.") for k in weights) else "encoder."
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not state:
+        raise KeeprError(f"{ckpt_path}: no encoder weights in this checkpoint")
+    if template is None:
+        if "encoder_config" not in ckpt:
+            raise KeeprError(f"{ckpt_path}: checkpoint does not record the encoder config (not made by EncoderModule)")
+        template = Encoder(**ckpt["encoder_config"])
+    encoder = Encoder(**template.init_kwargs)
+    encoder.load_state_dict(state)
+    return encoder.eval()
+
+
+def checkpoint_generator_path(ckpt_path: str | os.PathLike) -> Optional[str]:
+    """The generator path a training checkpoint was made with (None if not recorded)."""
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    return ckpt.get("generator_path")
+
+
+class ExportEncoder(pl.Callback):
+    """After fit, write the encoder (best checkpoint by the monitored metric if any, else the final weights) to ``path``.
+
+    ``path`` defaults to ``encoder.safetensors`` next to the checkpoint directory. The file records the generator's
+    path and sha256; load it with ``models.encoder.load_encoder(path, generator_path)``.
+    """
+
+    def __init__(self,
+        path: Optional[str] = None,     # Output file (.safetensors).
+        use_best: bool = True,          # Export the best checkpoint rather than the last weights.
+    ):
+        super().__init__()
+        self.path = path
+        self.use_best = use_best
+        self.exported: Optional[Path] = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: EncoderModule) -> None:
+        ckpt_cb = trainer.checkpoint_callback
+        path = self.path
+        if path is None:
+            base = Path(ckpt_cb.dirpath).parent if ckpt_cb is not None and ckpt_cb.dirpath else Path(trainer.default_root_dir)
+            path = str(base / "encoder.safetensors")
+        if not trainer.is_global_zero:
+            return
+        encoder, source = pl_module.eval_encoder, "final weights"
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        if self.use_best and best and Path(best).is_file():
+            encoder, source = load_encoder_from_checkpoint(best, template=pl_module.encoder), best
+        extra = {"source": str(source), "global_step": int(trainer.global_step)}
+        if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
+            extra[str(ckpt_cb.monitor)] = float(ckpt_cb.best_model_score)
+        self.exported = save_encoder(encoder, path, pl_module.generator_path, extra=extra)
+        print(f"exported encoder ({source}) to {self.exported}")
