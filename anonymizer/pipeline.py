@@ -32,7 +32,7 @@ from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import atomic_dir, sha256_file
 
 from anonymizer.blend import feather_mask, paste
-from anonymizer.crop import CropBox, crop_aligned, crop_box, crop_frame
+from anonymizer.crop import crop_aligned, crop_box, crop_frame
 from anonymizer.tracking import FaceTracker, select_tracks
 from anonymizer.video import VideoReader, VideoWriter, plan_timestamps
 

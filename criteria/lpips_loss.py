@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -17,26 +16,12 @@ import torch
 from torch import nn
 
 from keepr.errors import KeeprError, MissingWeightsError
+from keepr.weights import read_state_dict
 
 BACKBONE_URLS = {
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision AlexNet, ImageNet)",
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth (torchvision VGG16, ImageNet)",
 }
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise KeeprError(f"{path}: cannot read LPIPS backbone weights as a tensor state_dict ({exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise KeeprError(f"{path}: LPIPS backbone file does not hold a state_dict")
-    return state
 
 
 class LPIPSLoss(nn.Module):
@@ -64,7 +49,7 @@ class LPIPSLoss(nn.Module):
         self.model.eval().requires_grad_(False)
 
     def _load_backbone(self, path: Path) -> None:
-        state = _read_state_dict(path)
+        state = read_state_dict(path, "LPIPS backbone")
         trunk = self.model.net
         wanted = {}
         for key in trunk.state_dict():

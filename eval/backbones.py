@@ -20,27 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from keepr.errors import KeeprError, MissingWeightsError
+from keepr.weights import read_state_dict
 
 INCEPTION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth (torchvision Inception-v3, ImageNet)"
 LPIPS_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision AlexNet, ImageNet)"
 UNAVAILABLE_INCEPTION = "unavailable (no weights: pass --inception_weights PATH)"
 UNAVAILABLE_LPIPS = "unavailable (no weights: pass --lpips_weights PATH)"
-
-
-def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise KeeprError(f"{path}: cannot read {what} weights as a tensor state_dict ({type(exc).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise KeeprError(f"{path}: {what} file does not hold a state_dict")
-    return state
 
 
 class InceptionFeatures(nn.Module):
@@ -61,7 +46,7 @@ class InceptionFeatures(nn.Module):
         if not path.is_file():
             raise MissingWeightsError(str(path), "Inception-v3 for FID/KID", INCEPTION_URL)
         net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        state = _read_state_dict(path, "Inception-v3")
+        state = read_state_dict(path, "Inception-v3")
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:

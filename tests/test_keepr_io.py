@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from keepr.errors import KeeprError, MissingWeightsError, cli_main
+from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import atomic_dir, atomic_path, sha256_file, write_text_atomic
 
 
@@ -78,3 +78,32 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_read_state_dict_formats_and_refusals(tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from keepr.weights import read_state_dict
+
+    w = {"fc.weight": torch.arange(6.0).reshape(2, 3)}
+    save_file(w, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": w}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        assert torch.equal(read_state_dict(tmp_path / name, "test")["fc.weight"], w["fc.weight"])
+
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(KeeprError, match="evil.pth"):
+        read_state_dict(tmp_path / "evil.pth", "test")
+    assert not marker.exists()
+    (tmp_path / "list.pth").write_bytes(b"")
+    with pytest.raises(KeeprError, match="list.pth"):
+        read_state_dict(tmp_path / "list.pth", "test")
