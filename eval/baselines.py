@@ -35,13 +35,18 @@ def expand_box(box: Box, width: int, height: int, margin: float = 0.2) -> tuple[
     return xa, ya, xb, yb
 
 
+def box_side(box: Box) -> float:
+    """The longer side of a face box: the scale that blur strength and mosaic cells follow."""
+    return max(float(box[2]) - float(box[0]), float(box[3]) - float(box[1]))
+
+
 def blur_region(frame: np.ndarray, box: Box, margin: float = 0.2, sigma_frac: float = 0.15) -> np.ndarray:
     """Gaussian blur of the face region; sigma is ``sigma_frac`` x the face box side (about 1/7 of the face)."""
     out = frame.copy()
     x0, y0, x1, y1 = expand_box(box, frame.shape[1], frame.shape[0], margin)
     if x1 <= x0 or y1 <= y0:
         return out
-    side = max(float(box[2]) - float(box[0]), float(box[3]) - float(box[1]))
+    side = box_side(box)
     sigma = max(1.0, sigma_frac * side)
     # Blur a padded window so the kernel sees real pixels, not the border rule, near the region's edges.
     pad = int(np.ceil(3 * sigma))
@@ -59,7 +64,7 @@ def mosaic_region(frame: np.ndarray, box: Box, margin: float = 0.2, blocks: int 
     x0, y0, x1, y1 = expand_box(box, frame.shape[1], frame.shape[0], margin)
     if x1 <= x0 or y1 <= y0:
         return out
-    side = max(float(box[2]) - float(box[0]), float(box[3]) - float(box[1]))
+    side = box_side(box)
     cell = max(1.0, side / blocks)
     gw, gh = max(1, int(round((x1 - x0) / cell))), max(1, int(round((y1 - y0) / cell)))
     small = cv2.resize(frame[y0:y1, x0:x1], (gw, gh), interpolation=cv2.INTER_AREA)

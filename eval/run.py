@@ -390,6 +390,15 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
+
+def _save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
 def plot_results(out_dir: Path, summary: dict[str, dict], per_video: dict[str, dict[str, ClipScore]]) -> list[Path]:
     """leakage_vs_realism.png and identity_distance.png."""
     import matplotlib
@@ -414,9 +423,7 @@ def plot_results(out_dir: Path, summary: dict[str, dict], per_video: dict[str, d
     fig.suptitle("Leakage against realism per method (all videos)")
     fig.tight_layout()
     path = out_dir / "leakage_vs_realism.png"
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
     written.append(path)
 
     n = max(1, len(per_video))
@@ -432,9 +439,7 @@ def plot_results(out_dir: Path, summary: dict[str, dict], per_video: dict[str, d
         ax.legend(fontsize=7, ncol=5)
     fig.tight_layout()
     path = out_dir / "identity_distance.png"
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
     written.append(path)
     return written
 
