@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from datasets.pairs import to_uint8  # noqa: E402
 from keepr.errors import KeeprError, cli_main  # noqa: E402
 from keepr.fileio import atomic_path, write_text_atomic  # noqa: E402
+from training.encoder_module import to_float_image  # noqa: E402
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "media" / "photos"
@@ -35,13 +37,13 @@ DETECT_MIN_SIDE = 256  # Re-syntheses smaller than this are upscaled before dlib
 
 
 def to_uint8_hwc(img: torch.Tensor) -> np.ndarray:
-    """Generator-range float [3,H,W] -> uint8 HxWx3."""
-    return (img.detach().float().cpu() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    """Generator-range float [3,H,W] -> uint8 HxWx3 (the pair set's conversion)."""
+    return to_uint8(img.detach().float().cpu()).permute(1, 2, 0).numpy()
 
 
 def from_uint8_hwc(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float [1,3,H,W] in [-1,1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
+    """uint8 HxWx3 -> float [1,3,H,W] in [-1,1] (the encoder's training input)."""
+    return to_float_image(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0))
 
 
 @torch.no_grad()
@@ -72,7 +74,7 @@ def evaluate_pairs(encoder, G, pairs_root: str | Path, split: str = "val", val_f
     w_all, examples = [], []
     for start in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[start:start + batch_size]]
-        img = torch.stack([it["image"] for it in items]).to(device).float().div(127.5).sub(1)
+        img = to_float_image(torch.stack([it["image"] for it in items]).to(device))
         w = torch.stack([it["w"] for it in items]).to(device).float()
         target = w.unsqueeze(1).expand(-1, encoder.num_ws, -1)
         ws = encoder(img)

@@ -26,6 +26,8 @@ from scipy import linalg
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from anonymizer.tracking import iou as box_iou
+
 SAME_PERSON_THRESHOLD = 0.6  # dlib's threshold for "same person" on its 128-d descriptor
 STRICT_THRESHOLD = 0.5  # a stricter operating point, also reported
 DESCRIPTOR_DIM = 128
@@ -123,15 +125,6 @@ def head_pose(landmarks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     yaw = math.degrees(math.asin(max(-1.0, min(1.0, -r[2, 0]))))
     roll = math.degrees(math.atan2(r[1, 0], r[0, 0]))
     return np.array([yaw, pitch, roll])
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) boxes."""
-    ix0, iy0 = max(a[0], b[0]), max(a[1], b[1])
-    ix1, iy1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, ix1 - ix0) * max(0.0, iy1 - iy0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def _as_tensor(x, dtype=torch.float64) -> torch.Tensor:
