@@ -34,6 +34,7 @@ import torch
 from anonymizer.faces import detect_faces, to_rgb_uint8
 from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer, descriptor_distance
 from keepr.errors import KeeprError
+from keepr.images import to_float_image, to_uint8
 
 __all__ = [
     "LAYER_GROUPS", "Candidate", "ws_resolutions", "layer_mask", "estimate_w_spread", "encode_face",
@@ -144,7 +145,7 @@ def _device_of(module) -> torch.device:
 def encode_face(encoder: Callable, aligned_rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """ws [1, num_ws, w_dim] of an aligned uint8 RGB face crop (the encoder takes float NCHW in [-1, 1])."""
     rgb = to_rgb_uint8(aligned_rgb, "aligned target")
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(127.5).sub(1.0).to(device)
+    x = to_float_image(torch.from_numpy(rgb).permute(2, 0, 1)[None]).to(device)
     ws = encoder(x)
     if ws.ndim != 3 or ws.shape[0] != 1:
         raise KeeprError(f"encoder returned shape {tuple(ws.shape)}, expected [1, num_ws, w_dim]")
@@ -155,8 +156,7 @@ def encode_face(encoder: Callable, aligned_rgb: np.ndarray, device: torch.device
 def synthesize(G, ws: torch.Tensor) -> np.ndarray:
     """uint8 RGB [N,R,R,3] from ws [N, num_ws, w_dim] (constant noise inputs, so it is deterministic)."""
     img = G.synthesis(ws.to(_device_of(G)), noise_mode="const")
-    img = (img.float().clamp(-1, 1) + 1.0) * 127.5
-    return img.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(img.float()).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _noise(seed: int, index: int, draw: int, num_ws: int, w_dim: int, per_layer: bool) -> torch.Tensor:

@@ -28,6 +28,8 @@ import pytorch_lightning as pl
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from keepr.images import to_uint8  # noqa: F401  (re-exported: the pair images' conversion)
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from keepr.errors import KeeprError
@@ -62,11 +64,6 @@ def pair_z(seed: int, index: int, z_dim: int) -> torch.Tensor:
 def pairs_z(seed: int, indices: Sequence[int], z_dim: int) -> torch.Tensor:
     """Stack :func:`pair_z` for several indices: float32 [N, z_dim]."""
     return torch.stack([pair_z(seed, int(i), z_dim) for i in indices]) if len(indices) else torch.zeros(0, z_dim)
-
-
-def to_uint8(img: torch.Tensor) -> torch.Tensor:
-    """Generator output (nominally [-1, 1]) to uint8, NVlabs convention: ``(img * 127.5 + 128).clamp(0, 255)``."""
-    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

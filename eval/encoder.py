@@ -26,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from datasets.pairs import to_uint8  # noqa: E402
+from keepr.images import to_float_image, to_uint8  # noqa: E402
 from keepr.errors import KeeprError, cli_main  # noqa: E402
 from keepr.fileio import atomic_path, write_text_atomic  # noqa: E402
-from training.encoder_module import to_float_image  # noqa: E402
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "media" / "photos"

@@ -1,8 +1,9 @@
-"""Atomic output helpers and the one-line CLI error wrapper."""
+"""Shared helpers: atomic output, the one-line CLI error wrapper, pixel conversions."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import atomic_dir, atomic_path, sha256_file, write_text_atomic
@@ -107,3 +108,17 @@ def test_read_state_dict_formats_and_refusals(tmp_path):
     (tmp_path / "list.pth").write_bytes(b"")
     with pytest.raises(KeeprError, match="list.pth"):
         read_state_dict(tmp_path / "list.pth", "test")
+
+
+def test_pixel_conversions_round_trip():
+    """uint8 -> [-1, 1] -> uint8 is the identity, and generator values map to the nearest level (NVlabs convention)."""
+    from keepr.images import to_float_image, to_uint8
+
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    x = to_float_image(levels)
+    assert x.dtype == torch.float32 and x.min() == -1.0 and x.max() == 1.0
+    assert torch.equal(to_uint8(x), levels)
+    assert torch.equal(to_float_image(x), x)  # floats pass through
+    y = torch.tensor([-2.0, -1.0, 0.0, 0.003, 1.0, 3.0])
+    assert to_uint8(y).tolist() == [0, 0, 128, 128, 255, 255]
+    assert to_uint8(torch.tensor([0.01])).item() == round((0.01 + 1) * 127.5)

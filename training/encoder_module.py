@@ -20,6 +20,7 @@ from torchmetrics import CatMetric, MeanMetric
 from datasets.pairs import load_manifest
 from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import sha256_file
+from keepr.images import to_float_image
 from models.encoder import Encoder, save_encoder
 
 # ----------------------------------------------------------------------------
@@ -47,13 +48,6 @@ def resolve_generator_path(generator_path: Optional[str], pairs_root: Optional[s
         raise KeeprError(f"{path}: generator differs from the one that made the pairs in {pairs_root} "
                          f"(manifest sha256 {recorded['sha256'][:12]}...)")
     return path
-
-
-def to_float_image(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] in [0,255] -> float in [-1,1] (floats are passed through)."""
-    if image.dtype == torch.uint8:
-        return image.float() / 127.5 - 1.0
-    return image.float()
 
 
 class EncoderModule(pl.LightningModule):
