@@ -434,6 +434,10 @@ def anonymize_video(video: str | os.PathLike, out_dir: str | os.PathLike, settin
     frames_report: list[dict] = []
     tracks, stamps = track_pass(reader, s, watch, frames_report)
     num_frames = len(stamps)
+    if not tracks:
+        hint = (f"; faces smaller than about {80 >> s.detect.upsample} px need a larger --detect.upsample (now "
+                f"{s.detect.upsample})" if s.detect.upsample < 2 else "")
+        raise KeeprError(f"{video}: no face found in any frame (detector {s.detect.detector}{hint})")
     selected = select_tracks(tracks, which, source=str(video))
     tb_out, pts_out = plan_timestamps([t for t, _ in stamps], reader.fps, reader.time_base, [p for _, p in stamps],
                                       reader.start_time)

@@ -1,7 +1,8 @@
 """Benchmark co-part segmentation part swap: ms per frame at 256x256 (vox-10 config, random weights).
 
 Four modes: batch 1 and batch N, each with the source cache (source encoded and segmented once) and without it
-(the source is encoded and segmented again for every frame, as the authors' make_video does for its encoding).
+(the source is encoded and segmented again for every frame, so nothing is kept between frames; the authors'
+make_video re-encodes the source in every call but segments it once).
 Throughput is the analytic conv FLOP count (2*Cout*Cin/groups*kh*kw*Hout*Wout per sample, torch's FlopCounterMode on
 the convs the model actually runs) over wall time, reported as a fraction of the fp32 matmul GFLOP/s measured in the same run.
 

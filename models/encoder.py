@@ -105,6 +105,7 @@ class Encoder(nn.Module):
         pool_size       = 4,                    # Spatial size the head pools the last feature map to.
         pyramid_stats   = False,                # Also feed the head each stage's channel means and stds (multi-scale).
         hidden_dim      = 512,                  # Width of the head's hidden layer.
+        dropout         = 0.0,                  # Dropout on the head's hidden layer while training (regularises small pair sets).
         offset_scale    = 1.0,                  # Multiplier on the predicted offset (eases small-init training).
     ):
         super().__init__()
@@ -123,7 +124,10 @@ class Encoder(nn.Module):
         self.init_kwargs = dict(w_dim=self.w_dim, num_ws=self.num_ws, img_resolution=self.img_resolution,
             img_channels=self.img_channels, mode=mode, channels=channels, blocks=blocks, stem_stride=int(stem_stride),
             use_se=bool(use_se), pool_size=int(pool_size), pyramid_stats=bool(pyramid_stats), hidden_dim=int(hidden_dim),
-            offset_scale=self.offset_scale)
+            dropout=float(dropout), offset_scale=self.offset_scale)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         self.pyramid_stats = bool(pyramid_stats)
 
         self.stem = nn.Sequential(
@@ -177,7 +181,9 @@ class Encoder(nn.Module):
             # Per-channel mean and std of every scale: what modulated convolutions (the styles) act on.
             moments = [torch.cat([f.mean(dim=(2, 3)), f.flatten(2).std(dim=2, correction=0)], dim=1) for f in stats]
             feats.append(self.stats_norm(torch.cat(moments, dim=1)))
-        offset = self.head(torch.cat(feats, dim=1)) * self.offset_scale
+        hidden = self.head[1](self.head[0](torch.cat(feats, dim=1)))
+        hidden = F.dropout(hidden, self.dropout, self.training)  # Functional: the head's state_dict keys stay the same.
+        offset = self.head[2](hidden) * self.offset_scale
         if self.mode == "w":
             offset = offset.unsqueeze(1).expand(-1, self.num_ws, -1)
         else:

@@ -262,3 +262,27 @@ def test_eval_writes_tables_and_figure(tiny_setup, tmp_path, media_dir):
     # An untrained encoder predicts w_avg exactly: its latent MSE equals the baseline.
     pairs = dict(line.split(",") for line in (tmp_path / "eval" / "encoder_pairs.csv").read_text().splitlines()[1:])
     assert float(pairs["latent_mse_ratio"]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_encoder_options_from_command_line_strings(tiny_setup):
+    """--model.encoder.<key> values arrive as strings; they are read as YAML (so "false" is False, not True)."""
+    module = make_module(tiny_setup, encoder=dict(mode="w+", channels="[8, 16]", blocks="[1, 1]", stem_stride="2",
+                                                   pool_size="1", hidden_dim="16", use_se="false", dropout="0.25"))
+    cfg = module.encoder.init_kwargs
+    assert cfg["mode"] == "w+" and cfg["channels"] == [8, 16] and cfg["pool_size"] == 1 and cfg["dropout"] == 0.25
+    assert cfg["use_se"] is False
+
+
+def test_dropout_and_input_noise_only_while_training(tiny_setup):
+    """Dropout (head) and input noise (augmentation) act in training only; evaluation is deterministic."""
+    module = make_module(tiny_setup, encoder=dict(TINY_ENCODER, dropout=0.5), input_noise=0.2)
+    with torch.no_grad():
+        for p in module.encoder.head[-1].parameters():
+            p.normal_(0, 0.1)  # Leave the zero init, so dropout changes the output.
+    batch = fixed_batch(tiny_setup, 4)
+    module.eval()
+    assert torch.equal(module.compute_loss(batch)[0], module.compute_loss(batch)[0])
+    module.train()
+    assert not torch.equal(module.compute_loss(batch)[0], module.compute_loss(batch)[0])
+    with pytest.raises(KeeprError, match="input_noise"):
+        make_module(tiny_setup, input_noise=-0.1)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import yaml
 import torch
 import torch.nn.functional as F
 from torchmetrics import CatMetric, MeanMetric
@@ -72,6 +73,8 @@ class EncoderModule(pl.LightningModule):
         lr: float = 1e-3,                           # Adam learning rate.
         betas: tuple[float, float] = (0.9, 0.999),  # Adam betas.
         weight_decay: float = 0.0,                  # AdamW weight decay.
+        input_noise: float = 0.0,                   # Std of Gaussian noise added to training images (in [-1, 1] units):
+                                                    # a label-preserving augmentation against overfitting the pairs.
         warmup_steps: int = 0,                      # Linear learning-rate warm-up.
         cosine_decay: bool = True,                  # Cosine decay to zero over the run's optimizer steps.
         log_images: int = 0,                        # Inputs/re-syntheses shown in the logger each validation (0: none).
@@ -82,13 +85,16 @@ class EncoderModule(pl.LightningModule):
         self.save_hyperparameters()
         if min(latent_weight, pixel_weight, lpips_weight) < 0 or latent_weight + pixel_weight + lpips_weight <= 0:
             raise KeeprError(f"loss weights must be >= 0 and not all zero (latent {latent_weight}, pixel {pixel_weight}, lpips {lpips_weight})")
+        if input_noise < 0:
+            raise KeeprError(f"input_noise must be >= 0, got {input_noise}")
         from models.stylegan2 import load_generator
 
         self.generator_path = str(resolve_generator_path(generator_path, pairs_root))
         G = load_generator(self.generator_path, device="cpu").eval().requires_grad_(False)
         object.__setattr__(self, "_G", G)  # Not a submodule: frozen, never in checkpoints or DDP.
 
-        kwargs = dict(encoder or {})
+        # Values given on the command line (--model.encoder.pool_size 4) arrive as strings: read them as YAML.
+        kwargs = {k: yaml.safe_load(v) if isinstance(v, str) and k != "mode" else v for k, v in (encoder or {}).items()}
         for key in ("w_dim", "num_ws"):
             if key in kwargs and int(kwargs[key]) != int(getattr(G, key)):
                 raise KeeprError(f"encoder.{key}={kwargs[key]} does not match the generator ({getattr(G, key)})")
@@ -172,7 +178,10 @@ class EncoderModule(pl.LightningModule):
         hp = self.hparams
         img = to_float_image(batch["image"])
         target = self.target_ws(batch["w"])
-        ws = self.encoder(img)
+        x = img
+        if self.training and hp.input_noise > 0:
+            x = img + hp.input_noise * torch.randn_like(img)
+        ws = self.encoder(x)
         parts = {}
         loss = img.new_zeros(())
         if hp.latent_weight > 0:
