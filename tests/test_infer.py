@@ -224,6 +224,7 @@ def test_no_face_video_fails_cleanly(tiny, tmp_path, capsys):
                           "--progress", "false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: ") and "no face" in err[-1] and not out.exists()
+    assert "--detect.upsample (now 0)" in err[-1]  # The tiny config detects without upsampling: say what to change.
 
 
 @pytest.mark.slow
