@@ -28,8 +28,6 @@ import pytorch_lightning as pl
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from keepr.images import to_uint8  # noqa: F401  (re-exported: the pair images' conversion)
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from keepr.errors import KeeprError
@@ -42,7 +40,7 @@ SHARD_KEYS = ("image", "z", "w", "index")
 _META_KEY = "keepr_pairs"
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "MANIFEST", "PairDataset", "PairDataModule", "pair_z", "pairs_z", "to_uint8",
+    "FORMAT", "FORMAT_VERSION", "MANIFEST", "PairDataset", "PairDataModule", "pair_z", "pairs_z",
     "shard_name", "shard_ranges", "fingerprint", "fingerprint_id", "write_shard", "check_shard", "load_manifest",
 ]
 

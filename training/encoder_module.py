@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from torchmetrics import CatMetric, MeanMetric
 
 from datasets.pairs import load_manifest

@@ -27,10 +27,11 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.pairs import (
-    FORMAT, FORMAT_VERSION, MANIFEST, check_shard, fingerprint, fingerprint_id, pair_z, shard_name, shard_ranges, to_uint8, write_shard,
+    FORMAT, FORMAT_VERSION, MANIFEST, check_shard, fingerprint, fingerprint_id, pair_z, shard_name, shard_ranges, write_shard,
 )
 from keepr.errors import KeeprError
 from keepr.fileio import sha256_file, write_text_atomic
+from keepr.images import to_uint8
 
 _OUR_FILES = re.compile(r"^(shard_\d{5}\.safetensors|\.shard_\d{5}\.safetensors\..*\.tmp|\.manifest\.json\..*\.tmp)$")
 _TEMP_FILES = re.compile(r"^\.(shard_\d{5}\.safetensors|manifest\.json)\..*\.tmp$")
