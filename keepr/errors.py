@@ -16,10 +16,11 @@ class KeeprError(Exception):
 
 
 class MissingWeightsError(KeeprError, FileNotFoundError):
-    """An official checkpoint is not where the user said it is."""
+    """A weight file is not where the user said it is. ``where`` names its source (a release page, a URL, or the
+    command that trains it), so the message reads "get it from: <where>"."""
 
     def __init__(self, path: str, what: str, where: str):
-        super().__init__(f"missing weights: {path} ({what}) not found; download it from {where}")
+        super().__init__(f"missing weights: {path} ({what}) not found; get it from: {where}")
 
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:

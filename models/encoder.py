@@ -24,6 +24,9 @@ from keepr.fileio import atomic_path, sha256_file
 FORMAT_NAME = "keepr-encoder"
 FORMAT_VERSION = 1
 MODES = ("w", "w+")
+# Where a missing encoder comes from (MissingWeightsError reads "get it from: ..."): it is trained, not downloaded.
+TRAIN_ENCODER_SOURCE = ("a training run of your own (python train_encoder.py fit --config configs/encoder/ffhq256.yaml; "
+                        "see README.md)")
 
 # ----------------------------------------------------------------------------
 
@@ -226,12 +229,13 @@ def read_encoder_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise MissingWeightsError(str(path), "trained encoder", "train one: python train_encoder.py fit --config configs/encoder/ffhq256.yaml")
+        raise MissingWeightsError(str(path), "trained encoder", TRAIN_ENCODER_SOURCE)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers.
-        raise KeeprError(f"{path}: not a readable .safetensors encoder file ({exc})") from None
+        raise KeeprError(f"{path}: cannot read the trained encoder: the safetensors file is truncated or corrupt "
+                         f"({' '.join(str(exc).split())}).") from None
     if meta.get("format") != FORMAT_NAME:
         raise KeeprError(f"{path}: not a KEEP:R encoder export (metadata format={meta.get('format')!r})")
     try:
@@ -257,14 +261,20 @@ def load_encoder(path: str | os.PathLike, generator_path: str | os.PathLike | No
     if generator_path is not None:
         generator_path = Path(generator_path)
         if not generator_path.is_file():
-            raise MissingWeightsError(str(generator_path), "StyleGAN2 generator", "see tests/fixtures/specs/STYLEGAN2_CHECKPOINTS.md")
+            from models.stylegan2.loaders import WHERE_TO_GET
+
+            raise MissingWeightsError(str(generator_path), "StyleGAN2 generator", WHERE_TO_GET)
         expected = meta["generator"].get("sha256")
         actual = sha256_file(generator_path)
         if actual != expected:
             raise KeeprError(f"{path}: encoder was trained for generator {meta['generator'].get('path')} "
                              f"(sha256 {str(expected)[:12]}...), not {generator_path} (sha256 {actual[:12]}...)")
     encoder = Encoder(**meta["config"])
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for truncated data.
+        raise KeeprError(f"{path}: cannot read the trained encoder: the safetensors file is truncated or corrupt "
+                         f"({' '.join(str(exc).split())}).") from None
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # Shape mismatch: made by another version of this code.

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from keepr.errors import KeeprError, MissingWeightsError
+from keepr.weights import torch_load_weights
 
 from .part_swap import CoPartModel
 
@@ -61,11 +62,7 @@ def build_model(config) -> CoPartModel:
 
 
 def _read_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # Truncated file, not a torch file, or it holds non-tensor objects.
-        msg = " ".join(str(exc).split())[:200]
-        raise KeeprError(f"{path}: cannot read as a weights-only torch checkpoint ({type(exc).__name__}: {msg})") from None
+    ckpt = torch_load_weights(path, "co-part segmentation checkpoint")
     if not isinstance(ckpt, dict):
         raise KeeprError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     return ckpt

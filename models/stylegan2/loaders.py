@@ -16,7 +16,6 @@ import argparse
 import json
 import re
 import struct
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -24,6 +23,7 @@ import torch
 
 from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import atomic_path
+from keepr.weights import torch_load_weights
 
 from .networks import Generator, _jsonable
 from .safe_pickle import PersistentRecord, flatten_record, safe_load_network_pickle
@@ -226,17 +226,8 @@ def _load_network_pickle(path: Path) -> Generator:
 
 
 def _load_torch_checkpoint(path: Path) -> Generator:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # rosinality training snapshots store `args`
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        msg = " ".join(str(exc).split())
-        if "Unsupported global" in msg or "weights_only" in msg.lower():
-            raise KeeprError(f"{path}: refusing a torch checkpoint with non-tensor objects ({msg[:160]})") from None
-        raise KeeprError(f"{path}: truncated or corrupt torch checkpoint ({msg[:120]})") from None
-    except Exception as exc:  # the restricted unpickler raises pickle.UnpicklingError for forbidden globals
-        msg = " ".join(str(exc).split())
-        raise KeeprError(f"{path}: cannot read torch checkpoint safely ({type(exc).__name__}: {msg[:160]})") from None
+    # rosinality training snapshots store their argparse `args`: plain data, allow-listed.
+    ckpt = torch_load_weights(path, "StyleGAN2 torch checkpoint", safe_globals=[argparse.Namespace])
     if not isinstance(ckpt, dict):
         raise KeeprError(f"{path}: not a StyleGAN2 checkpoint (top level is {type(ckpt).__name__})")
     if "g_ema" in ckpt:
@@ -260,7 +251,8 @@ def _load_safetensors(path: Path) -> Generator:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise KeeprError(f"{path}: truncated or corrupt safetensors file ({' '.join(str(exc).split())[:120]})") from None
+        raise KeeprError(f"{path}: cannot read the StyleGAN2 generator: the safetensors file is truncated or corrupt "
+                         f"({' '.join(str(exc).split())}).") from None
     if metadata.get("format") == KEEPR_FORMAT:
         if metadata.get("format_version") != KEEPR_FORMAT_VERSION:
             raise KeeprError(f"{path}: KEEP:R generator format version {metadata.get('format_version')!r} "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from keepr.errors import KeeprError
+from keepr.weights import read_error_cause
 
 TF_PICKLE_MESSAGE = "TensorFlow pickle: convert it first (stylegan2-ada-pytorch legacy.py) or use a PyTorch snapshot"
 
@@ -153,8 +154,7 @@ def safe_load_network_pickle(path: str | Path) -> Any:
         raise
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             RuntimeError, MemoryError, OverflowError, UnicodeDecodeError) as exc:
-        raise KeeprError(f"{path}: truncated or corrupt network pickle ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:120]})") from None
+        raise KeeprError(f"{path}: cannot read the network pickle: {read_error_cause(exc)}.") from None
 
 
 def flatten_record(record: PersistentRecord, source: str, prefix: str = "") -> dict[str, torch.Tensor]:
