@@ -137,7 +137,7 @@ def _temp_name(dest_name: str, suffix: str = "") -> str:
     return f"{_prefix(dest_name)}{host_tag()}-{pid}-{process_start_time(pid)}-{secrets.token_hex(4)}{suffix}.tmp"
 
 
-def _is_ours(name: str, dest_name: str) -> bool:
+def is_keepr_entry(name: str, dest_name: str) -> bool:
     """A temporary or the lock of ``dest_name`` made by this module (any owner)."""
     return name == f".{dest_name}.lock" or temporary_owner(name, dest_name) is not None
 
@@ -227,7 +227,7 @@ def _check_empty_dir(shown, dest: Path) -> None:
         raise KeeprError(f"{shown}: output exists and is not a directory")
     if dest.is_dir():
         try:
-            extra = [n for n in os.listdir(dest) if not _is_ours(n, dest.name)]
+            extra = [n for n in os.listdir(dest) if not is_keepr_entry(n, dest.name)]
         except OSError as exc:
             raise KeeprError(f"{shown}: cannot read the output directory ({exc.strerror})") from None
         if extra:
