@@ -1,18 +1,27 @@
 """Streaming video input/output with PyAV.
 
 ``VideoReader`` decodes one frame at a time (never the whole video in memory) and can be iterated several times,
-each pass reopening the file. ``VideoWriter`` encodes H.264 into mp4 with the input's size and timestamps, and copies
-the input's audio packets unchanged (remuxed, interleaved as the video is written, so memory stays bounded).
+each pass reopening the file. ``VideoWriter`` encodes H.264 into mp4 with the input's size and timestamps, and carries
+the input's other streams as planned by :func:`anonymizer.streams.plan_streams` (remuxed or transcoded, interleaved
+as the video is written, so memory stays bounded).
 
 Choices:
-- Size: the output keeps the input size exactly. H.264 in 4:2:0 needs even width and height, so odd-sized inputs are
-  encoded as yuv444p (High 4:4:4 profile; some hardware players cannot play it) instead of padding or cropping.
+- Size: the output keeps the (upright) input size exactly. H.264 in 4:2:0 needs even width and height, so odd-sized
+  inputs are encoded as yuv444p (High 4:4:4 profile; some hardware players cannot play it) instead of padding or
+  cropping.
+- Rotation: a clip stored sideways with a rotation tag (display matrix side data, or the legacy ``rotate`` metadata
+  tag) is decoded upright: ``VideoReader`` turns each frame as a player would, reports the upright ``width`` and
+  ``height`` and the tag in ``rotation``. The output is written as upright pixels with no rotation tag, so it plays
+  in the same orientation as the input everywhere, including players that ignore the tag. Flips in a display matrix
+  are not applied.
 - Timing: each output frame gets its input frame's presentation timestamp (shifted so the earliest stream starts at 0)
   in the input's time base, so frame count, duration and average frame rate match, including variable-delay inputs
   such as GIFs. The stream's nominal rate is the input's average rate.
-- Audio: ``audio="copy"`` (default) remuxes the first audio stream's packets bit-exactly. mp4 holds AAC, MP3, MP2,
-  AC-3, Opus, FLAC, ...; for a codec it cannot hold (e.g. PCM) the writer fails with a message naming the codec and
-  the alternatives ``audio="aac"`` (re-encode) or ``audio="none"``.
+- Other streams: see :mod:`anonymizer.streams`. With ``audio="copy"`` (default) every audio stream is kept: remuxed
+  bit-exactly when mp4 holds the codec (AAC, MP3, MP2, AC-3, Opus, FLAC, ...), else re-encoded to AAC with a warning.
+- Truncation: after each pass ``VideoReader.truncation`` says whether decoding ended early (fewer frames than the
+  container announces, an incomplete last frame, or a decode error part-way, at which the pass stops; the frames
+  decoded before it are kept).
 - Colour: RGB <-> YUV conversions use swscale's defaults (BT.601) on both sides, so pixels that the pipeline does not
   touch come back equal up to codec error.
 """
@@ -27,14 +36,15 @@ from typing import Iterator, NamedTuple
 import av
 import numpy as np
 
+from anonymizer.streams import AUDIO_MODES, StreamMuxer, StreamPlan, plan_streams
 from keepr.errors import KeeprError
 
 # Demuxers that read a single still image (or an image sequence): such files are refused as videos.
 IMAGE_FORMATS = {"image2", "image2pipe", "apng"}
 # Demuxers that render text files (ANSI art etc.) as "video": a text file is not a video.
 TEXT_FORMATS = {"tty", "bin", "xbin", "adf", "idf", "srt", "ass", "webvtt"}
-# Container names ffmpeg uses for its mp4 muxer family.
-AUDIO_MODES = ("copy", "aac", "none")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
 
 
 @dataclass
@@ -44,15 +54,20 @@ class VideoInfo:
     path: str
     format: str  # demuxer name, e.g. 'mpeg', 'mov,mp4,m4a,3gp,3g2,mj2', 'gif'
     codec: str  # video codec name
-    width: int
+    width: int  # upright size (after the rotation below)
     height: int
     fps: Fraction  # average frame rate
     time_base: Fraction  # video stream time base
     num_frames: int | None  # from the container when it says; None when unknown
     duration: float | None  # seconds, when known
     has_audio: bool
-    audio_codec: str | None
+    audio_codec: str | None  # first audio stream
     audio_sample_rate: int | None
+    rotation: int = 0  # degrees (0/90/180/270) the stored picture is turned counter-clockwise to stand upright
+    coded_width: int = 0  # size as stored in the file (sideways when rotation is 90 or 270)
+    coded_height: int = 0
+    num_audio_streams: int = 0
+    duration_source: str | None = None  # 'stream' or 'container': where ``duration`` comes from
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -61,9 +76,17 @@ class VideoInfo:
         d["time_base"] = f"{self.time_base.numerator}/{self.time_base.denominator}"
         return d
 
+    def expected_frames(self) -> tuple[int | None, str | None]:
+        """Frames the container announces: (count, 'frames' | 'stream duration' | 'container duration') or (None, None)."""
+        if self.num_frames:
+            return self.num_frames, "frames"
+        if self.duration:
+            return int(round(self.duration * float(self.fps))), f"{self.duration_source} duration"
+        return None, None
+
 
 class Frame(NamedTuple):
-    """One decoded frame: running index, RGB uint8 [H,W,3], presentation timestamp (stream time base), seconds."""
+    """One decoded frame: running index, RGB uint8 [H,W,3] upright, presentation timestamp (stream time base), seconds."""
 
     index: int
     image: np.ndarray
@@ -83,7 +106,8 @@ def _open_input(path: str | os.PathLike) -> av.container.InputContainer:
     try:
         return av.open(str(p), mode="r")
     except av.error.FFmpegError as exc:
-        raise KeeprError(f"{p}: not a readable video (corrupt or not a video file: {exc.strerror})") from None
+        raise KeeprError(f"{p}: not a readable video (corrupt, cut short, or not a video file: {exc.strerror})") \
+            from None
     except (OSError, ValueError) as exc:
         raise KeeprError(f"{p}: cannot open: {exc}") from None
 
@@ -97,6 +121,32 @@ def _video_stream(container, path) -> av.video.stream.VideoStream:
     if not container.streams.video:
         raise KeeprError(f"{path}: has no video stream")
     return container.streams.video[0]
+
+
+def _rotation(stream, frame) -> int:
+    """Counter-clockwise degrees (0/90/180/270) that turn the stored picture upright.
+
+    The display matrix (side data on the decoded frame; FFmpeg's convention: counter-clockwise degrees) wins; else the
+    legacy ``rotate`` tag, which says how far a player turns the picture clockwise.
+    """
+    deg = 0.0
+    try:
+        deg = float(frame.rotation or 0)
+    except (AttributeError, TypeError, ValueError):
+        deg = 0.0
+    if not deg:
+        tag = (stream.metadata or {}).get("rotate")
+        try:
+            deg = -float(tag) if tag else 0.0
+        except ValueError:
+            deg = 0.0
+    return int(round(deg / 90.0)) % 4 * 90
+
+
+def _upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    if not rotation:
+        return image
+    return np.ascontiguousarray(np.rot90(image, k=rotation // 90))  # np.rot90 turns counter-clockwise
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -113,22 +163,24 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             raise KeeprError(f"{path}: no decodable video frames (corrupt or empty video)")
         if width <= 0 or height <= 0:
             width, height = first.width, first.height
+        rotation = _rotation(stream, first)
         fps = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not fps or fps <= 0:
             fps = Fraction(25, 1)
         fps = Fraction(fps)
-        duration = None
+        duration, source = None, None
         if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
+            duration, source = float(stream.duration * stream.time_base), "stream"
         elif container.duration is not None:
-            duration = container.duration / av.time_base
+            duration, source = container.duration / av.time_base, "container"
         audio = container.streams.audio[0] if container.streams.audio else None
+        upright = (height, width) if rotation in (90, 270) else (width, height)
         return VideoInfo(
             path=str(path),
             format=container.format.name,
             codec=cc.name,
-            width=width,
-            height=height,
+            width=upright[0],
+            height=upright[1],
             fps=fps,
             time_base=Fraction(stream.time_base) if stream.time_base else Fraction(1, 1) / fps,
             num_frames=int(stream.frames) if stream.frames else None,
@@ -136,15 +188,64 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             has_audio=audio is not None,
             audio_codec=audio.codec_context.name if audio is not None else None,
             audio_sample_rate=int(audio.codec_context.sample_rate) if audio is not None else None,
+            rotation=rotation,
+            coded_width=width,
+            coded_height=height,
+            num_audio_streams=len(container.streams.audio),
+            duration_source=source,
         )
 
 
-class VideoReader:
-    """Stream RGB uint8 frames of a video; each ``iter()`` is a fresh pass over the file.
+def check_encode_settings(width: int, height: int, fps: Fraction | float, crf: int = 18,
+                          preset: str = "medium") -> None:
+    """Fail fast, before any work, on encoder settings libx264 will not take (one-line KeeprError naming the option).
 
-    Attributes mirror ``VideoInfo``: ``fps``, ``width``, ``height``, ``num_frames`` (None when the container does not
-    say), ``has_audio``, ``time_base``, ``start_time`` (seconds of the earliest stream start, the timestamp origin
-    ``VideoWriter`` uses).
+    Opens (and discards) a libx264 encoder with these settings; nothing is written anywhere.
+    """
+    if preset not in X264_PRESETS:
+        raise KeeprError(f"encode.preset {preset!r}: not an x264 preset ({', '.join(X264_PRESETS)})")
+    try:
+        crf_ok = float(crf) == int(crf) and 0 <= int(crf) <= 51
+    except (TypeError, ValueError):
+        crf_ok = False
+    if not crf_ok:
+        raise KeeprError(f"encode.crf {crf!r}: must be an integer from 0 (lossless) to 51 (worst)")
+    try:
+        rate = Fraction(fps).limit_denominator(1_000_000)
+    except (TypeError, ValueError, ZeroDivisionError):
+        rate = Fraction(0)
+    if rate <= 0:
+        raise KeeprError(f"frame rate {fps!r}: must be positive")
+    width, height = int(width), int(height)
+    if width <= 0 or height <= 0:
+        raise KeeprError(f"video size {width}x{height}: must be positive")
+    ctx = av.CodecContext.create("libx264", "w")
+    ctx.width, ctx.height = width, height
+    ctx.pix_fmt = "yuv420p" if (width % 2 == 0 and height % 2 == 0) else "yuv444p"
+    ctx.time_base = 1 / rate
+    ctx.framerate = rate
+    ctx.options = {"crf": str(int(crf)), "preset": preset}
+    try:
+        ctx.open()
+    except (av.error.FFmpegError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise KeeprError(f"libx264 refuses crf {int(crf)}, preset {preset!r}, size {width}x{height}, "
+                         f"{float(rate):.3f} fps ({why})") from None
+    finally:
+        del ctx
+
+
+class VideoReader:
+    """Stream upright RGB uint8 frames of a video; each ``iter()`` is a fresh pass over the file.
+
+    Attributes mirror ``VideoInfo``: ``fps``, ``width``, ``height`` (upright), ``rotation`` (degrees counter-clockwise
+    applied to the stored picture), ``num_frames`` (None when the container does not say), ``has_audio``,
+    ``time_base``, ``start_time`` (seconds of the earliest stream start, the timestamp origin ``VideoWriter`` uses).
+
+    After a pass that ran to its end, ``truncation`` is None when the video decoded completely, else a dict
+    ``{expected_frames, decoded_frames, expected_seconds, decoded_seconds, error}`` (``expected_*`` None when the
+    container announces nothing usable; ``error`` a one-line cause). A decode error part-way ends the pass there
+    (the frames decoded before it were yielded) instead of raising. ``decoded_frames`` is that pass's frame count.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int = 0):
@@ -157,51 +258,112 @@ class VideoReader:
             v = c.streams.video[0]
             self.video_start = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
         self.start_time = float(min(starts)) if starts else 0.0
+        self.truncation: dict | None = None
+        self.decoded_frames: int | None = None
 
     fps = property(lambda self: self.info.fps)
     width = property(lambda self: self.info.width)
     height = property(lambda self: self.info.height)
+    rotation = property(lambda self: self.info.rotation)
     num_frames = property(lambda self: self.info.num_frames)
     has_audio = property(lambda self: self.info.has_audio)
     time_base = property(lambda self: self.info.time_base)
 
     def estimated_frames(self) -> int | None:
         """Frame count from the container, else duration x fps (for progress bars only)."""
-        if self.info.num_frames:
-            return self.info.num_frames
-        if self.info.duration:
-            return int(round(self.info.duration * float(self.info.fps)))
-        return None
+        return self.info.expected_frames()[0]
 
     def __iter__(self) -> Iterator[Frame]:
         container = _open_input(self.path)
+        cw, ch = self.info.coded_width, self.info.coded_height
+        rot = self.info.rotation
+        index, error, last_corrupt, last_time = 0, None, False, None
         try:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             if self.threads:
                 stream.codec_context.thread_count = self.threads
-            index = 0
-            try:
-                for frame in container.decode(stream):
-                    if frame.width != self.width or frame.height != self.height or frame.format.name != "rgb24":
-                        frame = frame.reformat(width=self.width, height=self.height, format="rgb24")
-                    image = frame.to_ndarray()
+            packets = container.demux(stream)
+            while True:
+                try:
+                    packet = next(packets, None)
+                    if packet is None:
+                        break
+                    frames = packet.decode()
+                    corrupt_packet = packet.is_corrupt
+                except av.error.FFmpegError as exc:
+                    error = f"decoding stopped at frame {index} ({exc.strerror})"
+                    frames, corrupt_packet = _drain(stream), False  # frames still buffered in the decoder
+                    packets = None
+                for frame in frames:
+                    if frame.width != cw or frame.height != ch or frame.format.name != "rgb24":
+                        frame = frame.reformat(width=cw, height=ch, format="rgb24")
+                    image = _upright(frame.to_ndarray(), rot)
                     t = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+                    last_corrupt = frame.is_corrupt or corrupt_packet
+                    last_time = t if t is not None else last_time
                     yield Frame(index, image, frame.pts, t)
                     index += 1
-            except av.error.FFmpegError as exc:
-                raise KeeprError(f"{self.path}: decoding failed at frame {index} ({exc.strerror})") from None
+                if packets is None:
+                    break
         finally:
             container.close()
+        self.decoded_frames = index
+        self.truncation = self._truncation(index, last_time, error, last_corrupt)
+
+    def _truncation(self, decoded: int, last_time: float | None, error: str | None, last_corrupt: bool) -> dict | None:
+        fps = float(self.fps)
+        expected, source = self.info.expected_frames()
+        tol = max(2, int(np.ceil(0.01 * expected))) if expected else 0
+        if source == "container duration":  # may include a longer audio track: allow half a second more
+            tol += int(np.ceil(0.5 * fps))
+        short = expected is not None and decoded < expected - tol
+        if not (short or error or last_corrupt):
+            return None
+        if error is None and not short:
+            error = f"the last frame (#{decoded - 1}) is incomplete"
+        if expected is not None and expected <= decoded:
+            expected = None  # the container's own figure was computed from the cut file: not informative
+        decoded_seconds = (last_time - self.video_start + 1 / fps) if last_time is not None else decoded / fps
+        return {
+            "expected_frames": expected,
+            "decoded_frames": decoded,
+            "expected_seconds": round(expected / fps, 3) if expected is not None else None,
+            "decoded_seconds": round(decoded_seconds, 3),
+            "error": error,
+        }
+
+    def truncation_message(self) -> str | None:
+        """One line describing ``truncation`` (None when the last pass decoded completely)."""
+        tr = self.truncation
+        if tr is None:
+            return None
+        if tr["expected_frames"] is not None:
+            what = (f"decoded {tr['decoded_frames']} of {tr['expected_frames']} frames "
+                    f"({tr['decoded_seconds']:.2f} of {tr['expected_seconds']:.2f} s)")
+        else:
+            what = f"decoded {tr['decoded_frames']} frames ({tr['decoded_seconds']:.2f} s)"
+        cause = f": {tr['error']}" if tr["error"] else ""
+        return f"{self.path}: video ends early, the file may be cut short or damaged; {what}{cause}"
+
+
+def _drain(stream) -> list:
+    """Frames still buffered in ``stream``'s decoder after an error (best effort)."""
+    try:
+        return list(stream.codec_context.decode(None))
+    except (av.error.FFmpegError, ValueError):
+        return []
 
 
 class VideoWriter:
-    """Encode RGB uint8 frames to an H.264 mp4 of fixed size, copying the audio of ``audio_from``.
+    """Encode RGB uint8 frames to an H.264 mp4 of fixed size, carrying the input's other streams per ``plan``.
 
+    ``plan`` (from ``anonymizer.streams.plan_streams``) says which input streams are copied, transcoded or dropped;
+    without one, ``plan_streams(audio_from, audio)`` is made here (no other streams when ``audio_from`` is None).
     ``write(image, pts)`` takes the frame's presentation timestamp in ``time_base``, already relative to the output's
     origin (see ``plan_timestamps``), or None for ``index / fps``. ``start_time`` (seconds) is the input time that
-    becomes 0 in the output; it is subtracted from the copied audio timestamps so audio/video sync is kept. Call
-    ``close()`` (or use as a context manager) to flush.
+    becomes 0 in the output; it is subtracted from the carried streams' timestamps so sync is kept. Call ``close()``
+    (or use as a context manager) to flush. Frames are written as given (upright), with no rotation tag.
     """
 
     def __init__(
@@ -212,10 +374,11 @@ class VideoWriter:
         fps: Fraction | float,
         audio_from: str | os.PathLike | None = None,
         time_base: Fraction | None = None,  # unit of the timestamps given to write(); default 1/fps
-        start_time: float = 0.0,  # input time (s) mapped to output time 0; shifts the copied audio
+        start_time: float = 0.0,  # input time (s) mapped to output time 0; shifts the carried streams
         crf: int = 18,  # x264 quality (0 = lossless, 18 ~ visually lossless)
         preset: str = "medium",  # x264 speed/size trade-off
-        audio: str = "copy",  # 'copy' | 'aac' | 'none'
+        audio: str = "copy",  # 'copy' | 'aac' | 'none' (used only when no plan is given)
+        plan: StreamPlan | None = None,
     ):
         if audio not in AUDIO_MODES:
             raise KeeprError(f"audio mode must be one of {AUDIO_MODES}, got {audio!r}")
@@ -228,6 +391,10 @@ class VideoWriter:
         self.frames_written = 0
         self._last_pts = None
         self._closed = False
+        self._muxer = None
+        if plan is None and audio_from is not None:
+            plan = plan_streams(audio_from, audio)
+        self.plan = plan
         try:
             self.container = av.open(self.path, mode="w", format="mp4")
         except (av.error.FFmpegError, OSError) as exc:
@@ -238,12 +405,16 @@ class VideoWriter:
             self.stream.pix_fmt = self.pix_fmt
             self.stream.codec_context.time_base = self.time_base
             self.stream.options = {"crf": str(int(crf)), "preset": preset}
-            self._audio_in = None
-            self._audio_out = None
-            self._audio_packets = None
-            self._audio_mode = "none"
-            if audio_from is not None and audio != "none":
-                self._open_audio(audio_from, audio)
+            self.stream.codec_context.open()  # the video encoder first, so its errors are not blamed on audio
+        except (av.error.FFmpegError, ValueError) as exc:
+            self._abort()
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise KeeprError(f"{self.path}: libx264 refuses crf {crf!r}, preset {preset!r}, size "
+                             f"{self.width}x{self.height} ({why})") from None
+        try:
+            if plan is not None and plan.kept:
+                self._muxer = StreamMuxer(plan, self.start_time)
+                self._muxer.add_streams(self.container)
             self.container.start_encoding()
         except KeeprError:
             self._abort()
@@ -251,75 +422,20 @@ class VideoWriter:
         except (av.error.FFmpegError, ValueError) as exc:
             self._abort()
             why = getattr(exc, "strerror", None) or str(exc)
-            if self._audio_in is not None and self._audio_mode == "copy":
-                name = self._audio_codec_name
-                raise KeeprError(
-                    f"{audio_from}: its audio codec '{name}' cannot be copied into mp4 ({why}); "
-                    "use audio 'aac' to re-encode it or 'none' to drop it") from None
+            kept = ", ".join(f"#{a.index} {a.codec} ({a.action})" for a in plan.kept) if plan is not None else ""
+            if kept:
+                raise KeeprError(f"{self.path}: cannot start the output with the input's streams {kept} ({why}); "
+                                 "use audio 'aac' to re-encode the audio or 'none' to drop it") from None
             raise KeeprError(f"{self.path}: cannot start the output video ({why})") from None
 
-    # --- audio --------------------------------------------------------------------------------------------
-    def _open_audio(self, src, mode):
-        ain = _open_input(src)
-        if not ain.streams.audio:
-            ain.close()
+    def _mux_until(self, t: float | None) -> None:
+        if self._muxer is None:
             return
-        self._audio_in = ain
-        self._audio_mode = mode
-        self._audio_out = None
-        a = ain.streams.audio[0]
-        self._audio_codec_name = a.codec_context.name
-        if mode == "copy":
-            self._audio_out = self.container.add_stream_from_template(a)
-            self._audio_packets = (p for p in ain.demux(a) if p.dts is not None or p.pts is not None)
-        else:
-            rate = a.codec_context.sample_rate or 44100
-            self._audio_out = self.container.add_stream("aac", rate=rate)
-            channels = a.codec_context.layout.nb_channels if a.codec_context.layout else 2
-            layout = {1: "mono", 2: "stereo", 6: "5.1"}.get(channels, "stereo")  # Matroska may say '1 channels'
-            self._audio_out.layout = layout
-            self._audio_out.format = "fltp"
-            self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-            self._audio_packets = self._reencoded_audio(a)
-        self._audio_tb = a.time_base
-        self._audio_offset = int(round(Fraction(self.start_time).limit_denominator(1_000_000) / a.time_base))
-        self._pending = None  # the next packet not yet muxed
-
-    def _reencoded_audio(self, a):
-        """Decode, resample and AAC-encode the input audio; yields packets in the output stream's time base."""
-        for frame in self._audio_in.decode(a):
-            for rf in self._resampler.resample(frame):
-                rf.pts = None
-                yield from self._audio_out.encode(rf)
-        for rf in self._resampler.resample(None):
-            yield from self._audio_out.encode(rf)
-        yield from self._audio_out.encode(None)
-
-    def _mux_audio_until(self, t: float | None):
-        """Copy audio packets whose timestamp is <= ``t`` seconds (all remaining when ``t`` is None)."""
-        if self._audio_packets is None:
-            return
-        while True:
-            pkt = self._pending if self._pending is not None else next(self._audio_packets, None)
-            self._pending = None
-            if pkt is None:
-                self._audio_packets = None
-                return
-            if self._audio_mode == "copy":
-                ts = pkt.pts if pkt.pts is not None else pkt.dts
-                pt = float((ts - self._audio_offset) * self._audio_tb)
-                if t is not None and pt > t:
-                    self._pending = pkt
-                    return
-                if pkt.pts is not None:
-                    pkt.pts -= self._audio_offset
-                if pkt.dts is not None:
-                    pkt.dts -= self._audio_offset
-            elif t is not None and pkt.pts is not None and pkt.time_base and float(pkt.pts * pkt.time_base) > t:
-                self._pending = pkt  # re-encoded audio (starts at 0): interleave it with the video too
-                return
-            pkt.stream = self._audio_out
-            self.container.mux(pkt)
+        try:
+            self._muxer.mux_until(t)
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise KeeprError(f"{self.path}: cannot write the input's other streams "
+                             f"({getattr(exc, 'strerror', None) or exc}); use audio 'none' to drop the audio") from None
 
     # --- video --------------------------------------------------------------------------------------------
     def write(self, image: np.ndarray, pts: int | None = None) -> None:
@@ -335,34 +451,46 @@ class VideoWriter:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts = pts
         frame.time_base = self.time_base
-        self._mux_audio_until(float(pts * self.time_base))
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
+        self._mux_until(float(pts * self.time_base))
+        try:
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+        except av.error.FFmpegError as exc:
+            raise KeeprError(f"{self.path}: encoding frame {self.frames_written} failed ({exc.strerror})") from None
         self.frames_written += 1
 
     def close(self) -> None:
-        """Flush the encoder, copy the remaining audio and finish the file."""
+        """Flush the encoder, carry the remaining packets of the other streams and finish the file."""
         if self._closed:
             return
         self._closed = True
         try:
-            for packet in self.stream.encode(None):
-                self.container.mux(packet)
-            self._mux_audio_until(None)
+            try:
+                for packet in self.stream.encode(None):
+                    self.container.mux(packet)
+            except av.error.FFmpegError as exc:
+                raise KeeprError(f"{self.path}: flushing the video encoder failed ({exc.strerror})") from None
+            if self._muxer is not None:
+                try:
+                    self._muxer.finish()
+                except (av.error.FFmpegError, ValueError) as exc:
+                    raise KeeprError(f"{self.path}: cannot write the input's other streams "
+                                     f"({getattr(exc, 'strerror', None) or exc}); use audio 'none' to drop the "
+                                     "audio") from None
+            try:
+                self.container.close()
+            except av.error.FFmpegError as exc:
+                raise KeeprError(f"{self.path}: cannot finish the output file ({exc.strerror})") from None
         finally:
-            self.container.close()
-            if self._audio_in is not None:
-                self._audio_in.close()
+            self._abort()
 
     def audio_summary(self) -> dict | None:
-        """What happened to the input's audio: None (no audio) or {'mode': 'copy'|'aac', 'codec': input codec}."""
-        if self._audio_in is None:
-            return None
-        return {"mode": self._audio_mode, "codec": self._audio_codec_name}
+        """The first kept audio stream: None (no audio) or {'mode': 'copy'|'aac', 'codec': input codec}."""
+        return self.plan.audio_summary() if self.plan is not None else None
 
     def _abort(self) -> None:
         self._closed = True
-        for c in (getattr(self, "container", None), getattr(self, "_audio_in", None)):
+        for c in (getattr(self, "container", None), getattr(self, "_muxer", None)):
             try:
                 if c is not None:
                     c.close()
