@@ -6,6 +6,11 @@
 
 Pair i depends only on (generator, seed, i): the result is the same for any batch size, number of devices, and after
 an interrupted run is resumed (run the same command again). See datasets/pairs.py for the layout.
+
+An existing set is never changed behind the user's back: other settings, a different --num_pairs included, are refused
+unless --overwrite (replace the set) or, to grow it with the same settings, --extend (the result equals a set made at
+the larger size from scratch). Every run checks the existing shards against the sha256 in the manifest (size and mtime
+as the fast path, every byte with --verify) and renders a missing, damaged or changed shard again.
 """
 from __future__ import annotations
 
@@ -42,7 +47,12 @@ def build_parser() -> ArgumentParser:
                         help="generator micro-batch; changes the bits, so it is part of the dataset's identity")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (z sampling)")
     parser.add_argument("--overwrite", action=ActionYesNo(yes_prefix="", no_prefix="no_"), default=False,
-                        help="replace an existing pair directory (made with other settings)")
+                        help="replace an existing pair directory (made with other settings or another --num_pairs)")
+    parser.add_argument("--extend", action=ActionYesNo(yes_prefix="", no_prefix="no_"), default=False,
+                        help="grow an existing pair set to --num_pairs (same settings; existing pairs are kept)")
+    parser.add_argument("--verify", action=ActionYesNo(yes_prefix="", no_prefix="no_"), default=False,
+                        help="hash every existing shard against the manifest, not only those whose size or mtime "
+                             "changed")
     parser.add_class_arguments(Trainer, "trainer", skip=_TRAINER_FIXED, instantiate=False, fail_untyped=False)
     return parser
 
@@ -62,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.noise_mode not in ("const", "none"):
         raise KeeprError(f"--noise_mode must be 'const' or 'none' (random noise would make pairs irreproducible), "
                          f"got {cfg.noise_mode!r}")
+    if cfg.overwrite and cfg.extend:
+        raise KeeprError("--overwrite and --extend exclude each other: --overwrite replaces the set, --extend grows it")
     if not os.path.isfile(cfg.generator):
         raise MissingWeightsError(cfg.generator, "StyleGAN2 generator", WEIGHTS_URL)
 
@@ -74,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     manifest = build_manifest(G, cfg.generator, sha256_file(cfg.generator), seed=cfg.seed, num_pairs=cfg.num_pairs,
                               truncation_psi=cfg.truncation_psi, shard_size=cfg.shard_size,
                               render_batch=cfg.render_batch, noise_mode=cfg.noise_mode)
-    check_out_dir(cfg.out_dir, manifest, cfg.overwrite)
+    check_out_dir(cfg.out_dir, manifest, cfg.overwrite, cfg.extend)
 
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in _TRAINER_FIXED}
     start = time.time()
     final = render_pairs(G, manifest, cfg.out_dir, trainer_kwargs, batch_size=cfg.batch_size,
-                         num_workers=cfg.num_workers, overwrite=cfg.overwrite)
+                         num_workers=cfg.num_workers, overwrite=cfg.overwrite, extend=cfg.extend, verify=cfg.verify)
     if final is not None:
         print(f"{cfg.out_dir}: {final['num_pairs']} pairs complete ({final['resolution']}px, "
               f"{len(final['shards'])} shards); this run took {time.time() - start:.1f} s", file=sys.stderr)

@@ -10,7 +10,9 @@ Layout of a pair directory::
 Pair ``i`` depends only on ``(seed, i)`` (and the generator): ``z_i`` comes from its own random stream
 (:func:`pair_z`), ``w_i = G.mapping(z_i, truncation_psi)[:, 0]`` and the image is ``G.synthesis`` with constant noise,
 converted to uint8 like NVlabs' ``generate.py``. Shards are written under a temporary name and renamed, so a shard file
-that exists is complete; the manifest says ``"complete": true`` only once every shard is there.
+that exists is complete; the manifest says ``"complete": true`` only once every shard is there. The manifest records
+each shard's sha256, size and mtime: a changed shard is found by its hash (:func:`shard_changed`; size + mtime are the
+fast path, the full hash is read when they differ or when asked to verify).
 
 Only safetensors and JSON are ever read: no pickle.
 """
@@ -21,14 +23,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from keepr.errors import KeeprError
 from keepr.fileio import atomic_path, sha256_file
@@ -42,6 +44,7 @@ _META_KEY = "keepr_pairs"
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "PairDataset", "PairDataModule", "pair_z", "pairs_z",
     "shard_name", "shard_ranges", "fingerprint", "fingerprint_id", "write_shard", "check_shard", "load_manifest",
+    "shard_stat", "shard_changed", "EpochShuffleSampler",
 ]
 
 
@@ -143,6 +146,27 @@ def check_shard(path: str | os.PathLike, start: int, stop: int, fp_id: str, reso
     return None
 
 
+def shard_stat(path: str | os.PathLike) -> dict[str, int]:
+    """Size and modification time (ns) of a shard: recorded in the manifest next to its sha256 as the fast check."""
+    st = os.stat(path)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def shard_changed(path: str | os.PathLike, record: dict, verify: bool = False) -> bool:
+    """Whether the shard at ``path`` differs from its manifest ``record`` (``sha256``, optional ``size``/``mtime_ns``).
+
+    The file is hashed when ``verify`` is set, when the record has no size/mtime or when they differ from the file's;
+    otherwise the matching size and mtime are taken as "unchanged" (a change that restores the mtime needs ``verify``).
+    A record without a sha256 cannot be checked and counts as unchanged.
+    """
+    if not record.get("sha256"):
+        return False
+    if not verify and "size" in record and "mtime_ns" in record:
+        if shard_stat(path) == {"size": record["size"], "mtime_ns": record["mtime_ns"]}:
+            return False
+    return sha256_file(path) != record["sha256"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Manifest.
 
@@ -199,8 +223,9 @@ class PairDataset(Dataset):
             why = check_shard(path, s["start"], s["stop"], fp_id, self.resolution, self.z_dim, self.w_dim)
             if why is not None:
                 raise KeeprError(f"{path}: {why}")
-            if verify and sha256_file(path) != s["sha256"]:
-                raise KeeprError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+            if verify and sha256_file(path) != s.get("sha256"):
+                raise KeeprError(f"{path}: sha256 differs from the manifest (the shard changed or is corrupt since it "
+                                 f"was generated); run generate_pairs.py again with the same settings to regenerate it")
         self._files = [self.root / s["file"] for s in shards]
         self._starts = [int(s["start"]) for s in shards]
         self._handles: dict[int, Any] = {}
@@ -231,12 +256,39 @@ class PairDataset(Dataset):
         return state
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Random order of ``range(n)`` that depends only on ``(seed, epoch)``.
+
+    ``torch.utils.data.RandomSampler`` draws each epoch's order from the global RNG, whose state after a resume differs
+    from an uninterrupted run (model init, sanity check, dropout and input noise consume it), so a resumed run would
+    see other batches. Lightning calls :meth:`set_epoch` before every epoch, also after restoring a checkpoint.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class PairDataModule(pl.LightningDataModule):
     """Train/val loaders over a pair directory.
 
     Split rule (deterministic, by pair index): the last ``round(val_fraction * num_pairs)`` pairs (at least one when
     ``val_fraction > 0``) are validation, all earlier ones training. Pairs are i.i.d. in their index, so this is an
     unbiased split, and it never changes with batch size, workers or seed.
+
+    The pair set is checked when the module is made, before training creates anything: every shard's layout, and with
+    ``verify`` (the default) its sha256 against the manifest, once, in the first process of each machine. The training
+    order of epoch ``e`` depends only on ``(shuffle_seed, e)`` (:class:`EpochShuffleSampler`; under DDP Lightning's
+    ``DistributedSampler``, which is keyed the same way), so a resumed run sees the same batches as an uninterrupted one.
     """
 
     def __init__(
@@ -247,18 +299,26 @@ class PairDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05, # Fraction of pairs held out for validation (the last indices).
         pin_memory: bool = False,   # Pin host memory (GPU training).
         drop_last: bool = True,     # Drop the last incomplete training batch.
+        verify: bool = True,        # Check every shard's sha256 against the manifest before training (reads the set).
+        shuffle_seed: Optional[int] = None,  # Seed of the training order; default: seed_everything's (PL_GLOBAL_SEED).
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise KeeprError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise KeeprError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise KeeprError(f"num_workers must be >= 0, got {num_workers}")
+        if shuffle_seed is not None and shuffle_seed < 0:
+            raise KeeprError(f"shuffle_seed must be >= 0, got {shuffle_seed}")
         self.root = root
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.verify = verify
+        self.shuffle_seed = shuffle_seed
         self.manifest = load_manifest(root)
         n = int(self.manifest["num_pairs"])
         n_val = int(round(val_fraction * n))
@@ -266,9 +326,11 @@ class PairDataModule(pl.LightningDataModule):
             n_val = min(max(n_val, 1), n - 1)
         self.train_indices = list(range(0, n - n_val))
         self.val_indices = list(range(n - n_val, n))
-        self.dataset: PairDataset | None = None
-        self.train_set: Subset | None = None
-        self.val_set: Subset | None = None
+        # Other processes of a DDP run on the same machine read the files the first one has just checked.
+        first_local = os.environ.get("LOCAL_RANK", "0") == "0"
+        self.dataset: PairDataset = PairDataset(root, verify=verify and first_local)
+        self.train_set = Subset(self.dataset, self.train_indices)
+        self.val_set = Subset(self.dataset, self.val_indices)
 
     @property
     def generator_path(self) -> str:
@@ -279,20 +341,30 @@ class PairDataModule(pl.LightningDataModule):
         return int(self.manifest["resolution"])
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = PairDataset(self.root)
-            self.train_set = Subset(self.dataset, self.train_indices)
-            self.val_set = Subset(self.dataset, self.val_indices)
+        """Nothing to do: the data set is opened (and checked) in ``__init__``."""
+
+    def _seed(self) -> int:
+        if self.shuffle_seed is not None:
+            return int(self.shuffle_seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+
+    def _distributed(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.world_size > 1
 
     def _loader(self, subset: Subset, train: bool) -> DataLoader:
-        return DataLoader(subset, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, drop_last=train and self.drop_last and
-                          len(subset) >= self.batch_size, persistent_workers=self.num_workers > 0)
+        shuffle, sampler = False, None
+        if train and self._distributed():
+            shuffle = True  # Lightning swaps in a DistributedSampler, keyed by (seed, epoch).
+        elif train:
+            sampler = EpochShuffleSampler(len(subset), self._seed())
+        return DataLoader(subset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          drop_last=train and self.drop_last and len(subset) >= self.batch_size,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        self.setup()
         return self._loader(self.val_set, train=False)

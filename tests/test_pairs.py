@@ -160,16 +160,85 @@ def test_resume_after_interruption(reference, gen_path, tmp_path, monkeypatch):
     assert load_manifest(out)["complete"] and shard_hashes(out) == shard_hashes(reference)
 
 
-def test_extend_keeps_existing_pairs(reference, gen_path, tmp_path):
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file of a directory: its sha256 and mtime."""
+    return {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(root.iterdir())}
+
+
+def test_extend_equals_a_set_made_at_the_larger_size(reference, gen_path, tmp_path):
+    """--extend keeps the existing shards and gives, byte for byte, the set made at the larger size from scratch."""
+    out = tmp_path / "pairs"
+    run(gen_path, out, "--num_pairs", "12")  # shards [0, 8) and a partial [8, 12)
+    first = snapshot(out)["shard_00000.safetensors"]
+    run(gen_path, out, "--extend")  # to N = 24: [8, 12) grows to [8, 16), [16, 24) is new
+    assert snapshot(out)["shard_00000.safetensors"] == first  # kept, not rewritten
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for s in load_manifest(reference)["shards"]:
+        assert (out / s["file"]).read_bytes() == (reference / s["file"]).read_bytes(), s["file"]
+    strip = lambda m: {**m, "shards": [{k: v for k, v in s.items() if k not in ("size", "mtime_ns")} for s in m["shards"]]}
+    assert strip(load_manifest(out)) == strip(load_manifest(reference))
+    assert torch.equal(PairDataset(out, verify=True)[N - 1]["z"], pair_z(0, N - 1, 64))
+
+
+def test_other_num_pairs_is_refused_unless_overwrite(reference, gen_path, tmp_path, capsys):
+    """A complete set is never shrunk (or grown without --extend): its files stay as they are, the exit status is 1."""
     out = tmp_path / "pairs"
     shutil.copytree(reference, out)
-    argv = ["--config", str(ROOT / "configs/pairs/tiny.yaml"), "--generator", str(gen_path), "--out_dir", str(out),
-            "--num_pairs", str(N + 4), "--shard_size", str(SHARD), "--render_batch", str(RB),
-            "--trainer.enable_progress_bar", "false"]
-    assert generate_pairs.main(argv) == 0
-    hashes = shard_hashes(out)
-    assert len(hashes) == 4 and hashes[:3] == shard_hashes(reference)
-    assert torch.equal(PairDataset(out)[N + 3]["z"], pair_z(0, N + 3, 64))
+    before = snapshot(out)
+    for extra, words in ((["--num_pairs", "8"], ("holds 24 pairs", "--overwrite")),
+                         (["--num_pairs", "8", "--extend"], ("never shrunk", "--overwrite")),
+                         (["--num_pairs", "28"], ("--extend", "--overwrite")),
+                         (["--num_pairs", "28", "--extend", "--overwrite"], ("exclude each other",))):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            run(gen_path, out, *extra)
+        assert exc.value.code == 1, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and all(w in err for w in words), err
+        assert snapshot(out) == before, extra
+    run(gen_path, out, "--num_pairs", "8", "--overwrite")
+    m = load_manifest(out)
+    assert m["num_pairs"] == 8 and [s["file"] for s in m["shards"]] == ["shard_00000.safetensors"]
+    assert shard_hashes(out) == shard_hashes(reference)[:1]
+
+
+def flip_bytes(path: Path, keep_mtime: bool = False) -> None:
+    """Change 8 bytes in the middle of a file (same size), optionally restoring its mtime."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 8] = bytes(b ^ 0xFF for b in data[mid:mid + 8])
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_changed_shard_is_noticed(reference, gen_path, tmp_path, capsys):
+    """A shard whose bytes changed (same size) is refused by training and rendered again by a rerun."""
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    before = snapshot(out)
+    run(gen_path, out)  # complete and intact: nothing is rewritten, the manifest included
+    assert snapshot(out) == before
+    shard = out / "shard_00001.safetensors"
+    flip_bytes(shard)
+    PairDataset(out)  # the layout alone looks fine ...
+    with pytest.raises(KeeprError, match="shard_00001.safetensors: sha256 differs"):
+        PairDataset(out, verify=True)
+    with pytest.raises(KeeprError, match="sha256 differs"):
+        PairDataModule(str(out))  # ... training checks the hashes before it starts
+    capsys.readouterr()
+    run(gen_path, out)
+    assert "shard_00001.safetensors: sha256 differs" in capsys.readouterr().err
+    assert shard.read_bytes() == (reference / shard.name).read_bytes()
+    assert shard_hashes(out) == shard_hashes(reference) and load_manifest(out)["complete"]
+    # Same size and mtime: only --verify reads every byte (the fast path trusts size + mtime).
+    flip_bytes(shard, keep_mtime=True)
+    run(gen_path, out)
+    assert shard.read_bytes() != (reference / shard.name).read_bytes()
+    run(gen_path, out, "--verify")
+    assert shard.read_bytes() == (reference / shard.name).read_bytes()
+    PairDataset(out, verify=True)
 
 
 def test_refuses_other_seed_or_generator_unless_overwrite(reference, gen_path, tmp_path, capsys):
@@ -257,4 +326,7 @@ def test_ddp_two_processes_write_the_same_dataset(reference, gen_path, tmp_path)
     assert shard_hashes(out) == shard_hashes(reference)
     ref = json.loads((reference / MANIFEST).read_text())
     got = json.loads((out / MANIFEST).read_text())
+    for m in (ref, got):  # when a shard was written differs between the two sets
+        for s in m["shards"]:
+            del s["mtime_ns"]
     assert {k: v for k, v in got.items() if k != "generator"} == {k: v for k, v in ref.items() if k != "generator"}

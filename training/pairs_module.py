@@ -1,14 +1,14 @@
 """Pair generation with Lightning: ``Trainer.predict`` renders pair indices; a prediction writer stores shards.
 
-* :class:`PairPlanDataModule` decides which shards are still missing in the output directory (rank 0 prepares the
-  directory, the list is broadcast) and hands each rank whole shards: rank r gets the r-th, (r+W)-th, ... missing
+* :class:`PairPlanDataModule` decides which shards are still missing, malformed or changed (sha256) in the output
+  directory (rank 0 prepares the directory, the list is broadcast) and hands each rank whole shards: rank r gets the r-th, (r+W)-th, ... missing
   shard. Its loader yields ``{"index", "z"}`` with ``z`` drawn per index (:func:`datasets.pairs.pair_z`).
 * :class:`PairRenderer` (the LightningModule) maps and synthesizes. To keep pair i independent of the batch size and
   of the device count, the generator always runs on micro-batches of exactly ``render_batch`` rows, pair i sitting in
   row ``i % render_batch`` of micro-batch ``i // render_batch`` (missing rows are zero-padded). Matrix kernels pick
   their blocking from the batch shape, so this fixed shape is what makes the bits reproducible.
 * :class:`PairShardWriter` collects rows per shard, writes each shard atomically once it is full, and at the end
-  (teardown, after a barrier) rank 0 checks every shard, hashes it and marks the manifest complete.
+  (teardown, after a barrier) rank 0 checks every shard, hashes the new ones and marks the manifest complete.
 * :class:`PairsProgressBar` counts pairs, so the bar shows pairs/s.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.pairs import (
-    FORMAT, FORMAT_VERSION, MANIFEST, check_shard, fingerprint, fingerprint_id, pair_z, shard_name, shard_ranges, write_shard,
+    FORMAT, FORMAT_VERSION, MANIFEST, check_shard, fingerprint, fingerprint_id, pair_z, shard_changed, shard_name,
+    shard_ranges, shard_stat, write_shard,
 )
 from keepr.errors import KeeprError
 from keepr.fileio import sha256_file, write_text_atomic
@@ -46,11 +48,22 @@ def _describe_difference(old: dict, new: dict) -> str:
     return ", ".join(diffs)
 
 
-def check_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool) -> None:
+def _read_old_manifest(out: Path) -> dict | None:
+    """The manifest already in ``out`` (None if there is none or it cannot be read)."""
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def check_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool, extend: bool = False) -> None:
     """Refuse (KeeprError) an output directory that this run must not write into; never changes anything.
 
-    Accepted: a missing or empty directory, or a pair directory with the same fingerprint (resume / extend), or any
-    pair directory with ``overwrite``. A non-empty directory that is not a pair directory is always refused.
+    Accepted: a missing or empty directory; a pair directory with the same fingerprint and the same number of pairs
+    (resume, repair); the same fingerprint and more pairs with ``extend``; any pair directory with ``overwrite``. A
+    different ``--num_pairs`` is other settings like a different seed: a set is never shrunk (its shards deleted or
+    rewritten) without ``overwrite``. A non-empty directory that is not a pair directory is always refused.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -74,53 +87,139 @@ def check_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool) -
     if fingerprint(old) != fingerprint(manifest):
         raise KeeprError(f"{out}: made with other settings: {_describe_difference(old, manifest)}; "
                          f"use --overwrite to replace it or choose another --out_dir")
+    have, want = old.get("num_pairs"), manifest["num_pairs"]
+    if have == want:
+        return
+    if not isinstance(have, int) or isinstance(have, bool) or have < 1:
+        raise KeeprError(f"{path}: invalid num_pairs {have!r}; use --overwrite to replace the dataset")
+    if want > have and extend:
+        return
+    if want > have:
+        raise KeeprError(f"{out}: holds {have} pairs, --num_pairs is {want}: use --extend to add pairs {have}..{want - 1} "
+                         f"(the existing ones are kept), --overwrite to replace the set, or another --out_dir")
+    raise KeeprError(f"{out}: holds {have} pairs, --num_pairs is {want}: a pair set is never shrunk without "
+                     f"--overwrite (which deletes pairs {want}..{have - 1}); choose another --out_dir to keep it"
+                     + ("; --extend only adds pairs" if extend else ""))
 
 
-def prepare_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool) -> None:
-    """Make ``out_dir`` ready for this run: wipe our files on ``overwrite``, drop temporary files and shards that are
-    not part of this plan, and write the manifest marked incomplete."""
-    check_out_dir(out_dir, manifest, overwrite)
+def _known_records(out: Path, manifest: dict, overwrite: bool) -> dict[str, dict]:
+    """Shard records (sha256, size, mtime) of the existing manifest that still apply to this run's plan, by file."""
+    old = None if overwrite else _read_old_manifest(out)
+    if not old or fingerprint(old) != fingerprint(manifest):
+        return {}
+    plan = {s["file"]: (s["start"], s["stop"]) for s in manifest["shards"]}
+    known = {}
+    for rec in old.get("shards") or []:
+        if isinstance(rec, dict) and plan.get(rec.get("file")) == (rec.get("start"), rec.get("stop")) \
+                and rec.get("sha256"):
+            known[rec["file"]] = {k: rec[k] for k in ("sha256", "size", "mtime_ns") if k in rec}
+    return known
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool, extend: bool = False,
+                    verify: bool = False, log=None) -> list[int]:
+    """Make ``out_dir`` ready for this run and return the shards to render.
+
+    Wipes our files on ``overwrite``, drops temporary files and shards that are not part of this plan, finds the
+    shards that are missing, malformed or changed since their hash was recorded (:func:`missing_shards`) and, when
+    anything is to be rendered, writes the manifest marked incomplete (keeping the recorded hashes). A complete set
+    with nothing to do is left untouched.
+    """
+    check_out_dir(out_dir, manifest, overwrite, extend)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    planned = {shard_name(k) for k in range(len(shard_ranges(manifest["num_pairs"], manifest["shard_size"])))}
-    wipe = overwrite  # --overwrite regenerates everything
+    known = _known_records(out, manifest, overwrite)
+    planned = {s["file"] for s in manifest["shards"]}
     for p in out.iterdir():
         if not _OUR_FILES.match(p.name):
             continue
-        if wipe or _TEMP_FILES.match(p.name) or p.name not in planned:
+        if overwrite or _TEMP_FILES.match(p.name) or p.name not in planned:
             p.unlink()
-    incomplete = copy.deepcopy(manifest)
-    incomplete["complete"] = False
-    write_text_atomic(out / MANIFEST, json.dumps(incomplete, indent=2) + "\n")
+    todo = missing_shards(out, manifest, known, verify=verify, log=log)
+    old = _read_old_manifest(out)
+    if todo or not (old and old.get("complete")) or old.get("num_pairs") != manifest["num_pairs"]:
+        incomplete = copy.deepcopy(manifest)
+        incomplete["complete"] = False
+        for rec in incomplete["shards"]:
+            k = known.get(rec["file"])
+            if k:
+                # A shard to be rendered again keeps only its expected hash, never a size/mtime taken as valid.
+                rec.update({"sha256": k["sha256"]} if _shard_index(rec["file"]) in todo else k)
+        write_text_atomic(out / MANIFEST, json.dumps(incomplete, indent=2) + "\n")
+    return todo
 
 
-def missing_shards(out_dir: str | os.PathLike, manifest: dict) -> list[int]:
-    """Indices of the planned shards that are not yet present and valid."""
+def _shard_index(name: str) -> int:
+    return int(name[len("shard_"):len("shard_") + 5])
+
+
+def missing_shards(out_dir: str | os.PathLike, manifest: dict, known: dict[str, dict] | None = None,
+                   verify: bool = False, log=None) -> list[int]:
+    """Indices of the planned shards that are not present and valid: missing, malformed, or (for a shard with a
+    recorded sha256 in ``known``) changed since it was hashed (:func:`datasets.pairs.shard_changed`)."""
     fp = fingerprint_id(manifest)
+    known = known or {}
     todo = []
     for k, (start, stop) in enumerate(shard_ranges(manifest["num_pairs"], manifest["shard_size"])):
-        why = check_shard(Path(out_dir) / shard_name(k), start, stop, fp, manifest["resolution"], manifest["z_dim"],
-                          manifest["w_dim"])
+        path = Path(out_dir) / shard_name(k)
+        why = check_shard(path, start, stop, fp, manifest["resolution"], manifest["z_dim"], manifest["w_dim"])
+        if why is None and path.name in known and shard_changed(path, known[path.name], verify=verify):
+            why = "sha256 differs from the manifest (the shard changed since it was generated)"
         if why is not None:
+            if log is not None and why != "missing":
+                log(f"{path}: {why}; rendering it again")
             todo.append(k)
     return todo
 
 
-def finalize_out_dir(out_dir: str | os.PathLike, manifest: dict) -> dict:
-    """Check every shard, hash it, and write the manifest marked complete (rank 0, after all shards exist)."""
+def finalize_out_dir(out_dir: str | os.PathLike, manifest: dict, rendered: set[int] | None = None) -> dict:
+    """Check every shard, record its sha256, size and mtime, and write the manifest marked complete (rank 0, after
+    all shards exist).
+
+    A shard not rendered by this run whose size and mtime match the record in the manifest on disk keeps its recorded
+    hash (the fast path); every other shard is hashed. A shard rendered again must reproduce its recorded hash: if it
+    does not, this machine renders other bits than the one that made the set, and the set is left incomplete. The
+    manifest file is only rewritten when its content changes.
+    """
     out = Path(out_dir)
     fp = fingerprint_id(manifest)
+    rendered = set(rendered or ())
+    on_disk = _read_old_manifest(out) or {}
+    records = {r.get("file"): r for r in on_disk.get("shards") or [] if isinstance(r, dict)}
+    if fingerprint(on_disk) != fingerprint(manifest):
+        records = {}
     shards = []
     for k, (start, stop) in enumerate(shard_ranges(manifest["num_pairs"], manifest["shard_size"])):
         path = out / shard_name(k)
         why = check_shard(path, start, stop, fp, manifest["resolution"], manifest["z_dim"], manifest["w_dim"])
         if why is not None:
             raise KeeprError(f"{path}: {why} after generation")
-        shards.append({"file": path.name, "start": start, "stop": stop, "sha256": sha256_file(path)})
+        rec = records.get(path.name, {})
+        if (rec.get("start"), rec.get("stop")) != (start, stop):
+            rec = {}
+        stat = shard_stat(path)
+        if k not in rendered and rec.get("sha256") and {"size": rec.get("size"), "mtime_ns": rec.get("mtime_ns")} == stat:
+            digest = rec["sha256"]
+        else:
+            digest = sha256_file(path)
+            if rec.get("sha256") and digest != rec["sha256"] and k in rendered:
+                raise KeeprError(f"{path}: rendered again but its sha256 differs from the one recorded when the set was "
+                                 f"made: this machine (torch {torch.__version__}) renders other bits; regenerate the "
+                                 f"whole set with --overwrite or finish it where it was made")
+            if rec.get("sha256") and digest != rec["sha256"]:
+                raise KeeprError(f"{path}: changed while generate_pairs.py was running (sha256 differs from the "
+                                 f"manifest); run it again to render the shard again")
+        shards.append({"file": path.name, "start": start, "stop": stop, "sha256": digest, **stat})
     done = copy.deepcopy(manifest)
     done["shards"] = shards
     done["complete"] = True
-    write_text_atomic(out / MANIFEST, json.dumps(done, indent=2) + "\n")
+    text = json.dumps(done, indent=2) + "\n"
+    try:
+        same = (out / MANIFEST).read_text() == text
+    except (OSError, UnicodeDecodeError):
+        same = False
+    if not same:
+        write_text_atomic(out / MANIFEST, text)
     return done
 
 
@@ -186,10 +285,13 @@ class PairPlanDataModule(pl.LightningDataModule):
         batch_size: int = 16,   # Pairs per predict_step.
         num_workers: int = 0,   # DataLoader workers computing z.
         overwrite: bool = False,  # Replace a pair directory made with other settings.
+        extend: bool = False,   # Allow growing an existing set (more pairs, same settings).
+        verify: bool = False,   # Hash every existing shard, not only those whose size or mtime changed.
     ):
         super().__init__()
         self.out_dir, self.manifest = str(out_dir), manifest
         self.batch_size, self.num_workers, self.overwrite = batch_size, num_workers, overwrite
+        self.extend, self.verify = extend, verify
         self.ranges = shard_ranges(manifest["num_pairs"], manifest["shard_size"])
         self.todo: list[int] = []       # missing shards, all ranks
         self.my_shards: list[int] = []  # this rank's share
@@ -198,8 +300,8 @@ class PairPlanDataModule(pl.LightningDataModule):
         trainer = self.trainer
         todo = None
         if trainer.is_global_zero:
-            prepare_out_dir(self.out_dir, self.manifest, self.overwrite)
-            todo = missing_shards(self.out_dir, self.manifest)
+            todo = prepare_out_dir(self.out_dir, self.manifest, self.overwrite, self.extend, self.verify,
+                                   log=lambda msg: print(msg, file=sys.stderr))
         # One list for all ranks, computed before anyone writes.
         self.todo = trainer.strategy.broadcast(todo, src=0)
         self.my_shards = self.todo[trainer.global_rank::trainer.world_size]
@@ -327,7 +429,7 @@ class PairShardWriter(BasePredictionWriter):
             return
         trainer.strategy.barrier("pairs_written")
         if trainer.is_global_zero:
-            self.final_manifest = finalize_out_dir(self.out_dir, self.manifest)
+            self.final_manifest = finalize_out_dir(self.out_dir, self.manifest, set(trainer.datamodule.todo))
         trainer.strategy.barrier("pairs_final")
 
 
@@ -371,6 +473,8 @@ def render_pairs(
     batch_size: int = 16,
     num_workers: int = 0,
     overwrite: bool = False,
+    extend: bool = False,
+    verify: bool = False,
 ) -> dict | None:
     """Run ``Trainer.predict`` over the missing pairs of ``out_dir``; returns the final manifest on rank 0."""
     kwargs = dict(trainer_kwargs or {})
@@ -384,7 +488,8 @@ def render_pairs(
     module = PairRenderer(generator, truncation_psi=manifest["truncation"]["psi"],
                           truncation_cutoff=manifest["truncation"]["cutoff"], noise_mode=manifest["noise_mode"],
                           render_batch=manifest["render_batch"])
-    data = PairPlanDataModule(out_dir, manifest, batch_size=batch_size, num_workers=num_workers, overwrite=overwrite)
+    data = PairPlanDataModule(out_dir, manifest, batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
+                              extend=extend, verify=verify)
     with warnings.catch_warnings():
         # A resumed run with every shard already present has nothing to predict: that is intended.
         warnings.filterwarnings("ignore", message=".*Total length of `DataLoader` across ranks is zero.*")
