@@ -322,8 +322,8 @@ class VideoReader:
             return None
         if error is None and not short:
             error = f"the last frame (#{decoded - 1}) is incomplete"
-        if expected is not None and expected <= decoded:
-            expected = None  # the container's own figure was computed from the cut file: not informative
+        if not short:
+            expected = None  # the container's figure agrees with what was decoded (e.g. MPEG-PS guesses it from the end)
         decoded_seconds = (last_time - self.video_start + 1 / fps) if last_time is not None else decoded / fps
         return {
             "expected_frames": expected,

@@ -7,8 +7,8 @@ import av
 import numpy as np
 import pytest
 
-from anonymizer.video import (VideoReader, VideoWriter, audio_packets, count_frames, plan_timestamps,
-                              probe_video)
+from anonymizer.video import (VideoReader, VideoWriter, audio_packets, check_encode_settings, count_frames,
+                              plan_timestamps, probe_video)
 from keepr.errors import KeeprError
 
 
@@ -126,15 +126,184 @@ def test_odd_size_kept_with_yuv444(tmp_path):
         assert c.streams.video[0].codec_context.pix_fmt == "yuv444p"
 
 
-def test_audio_mp4_cannot_hold_is_reported_or_reencoded(tmp_path):
+def test_audio_mp4_cannot_hold_is_reencoded_with_a_warning(tmp_path):
     src = make_video(tmp_path / "pcm.mkv", 64, 48, 10, audio_codec="pcm_u8")  # 8-bit PCM: not allowed in mp4
-    with pytest.raises(KeeprError, match="pcm_u8.*aac"):
-        transcode(src, tmp_path / "o.mp4", audio="copy")
+    with VideoWriter(tmp_path / "copy.mp4", 64, 48, 25, audio_from=src, preset="ultrafast") as w:
+        for f in VideoReader(src):
+            w.write(f.image)
+    assert w.audio_summary() == {"mode": "aac", "codec": "pcm_u8"}
+    assert len(w.plan.warnings) == 1 and "pcm_u8" in w.plan.warnings[0]
+    assert probe_video(tmp_path / "copy.mp4").audio_codec == "aac"
     transcode(src, tmp_path / "aac.mp4", audio="aac")
     o = probe_video(tmp_path / "aac.mp4")
     assert o.has_audio and o.audio_codec == "aac" and count_frames(tmp_path / "aac.mp4") == 10
     transcode(src, tmp_path / "none.mp4", audio="none")
     assert not probe_video(tmp_path / "none.mp4").has_audio
+
+
+def test_encode_settings_checked_up_front(media_dir, tmp_path):
+    check_encode_settings(360, 288, 25, crf=18, preset="medium")
+    check_encode_settings(33, 25, Fraction(30000, 1001), crf=0, preset="ultrafast")  # odd size: yuv444p
+    with pytest.raises(KeeprError, match=r"encode.preset 'bogus': not an x264 preset \(ultrafast, .*placebo\)"):
+        check_encode_settings(360, 288, 25, preset="bogus")
+    for crf in (-1, 52, 18.5, "x"):
+        with pytest.raises(KeeprError, match="encode.crf"):
+            check_encode_settings(360, 288, 25, crf=crf)
+    # The writer blames the encoder, not the audio, for a bad preset.
+    with pytest.raises(KeeprError) as e:
+        VideoWriter(tmp_path / "o.mp4", 360, 288, 25, audio_from=media_dir / "videos" / "bbaf2n.mpg", preset="bogus")
+    assert "bogus" in str(e.value) and "audio" not in str(e.value) and "\n" not in str(e.value)
+
+
+def make_clip(path, n=90, fps=25, vcodec="libx264", acodec="aac", fmt=None, pix_fmt="yuv420p", options=None):
+    """A 160x120 noisy clip with audio interleaved frame by frame (so a byte cut hits both streams)."""
+    w, h, rate = 160, 120, 16000
+    with av.open(str(path), "w", format=fmt, options=options or {}) as c:
+        v = c.add_stream(vcodec, rate=fps)
+        v.width, v.height, v.pix_fmt = w, h, pix_fmt
+        a = c.add_stream(acodec, rate=rate)
+        a.layout = "mono"
+        afmt = "fltp" if acodec == "aac" else "s16"
+        rng = np.random.default_rng(0)
+        spf = rate // fps
+        for i in range(n):
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+            x = np.sin(2 * np.pi * 440 * (np.arange(spf) + i * spf) / rate)[None] * 0.25
+            data = x.astype(np.float32) if afmt == "fltp" else (x * 32767).astype(np.int16)
+            fr = av.AudioFrame.from_ndarray(data, format=afmt, layout="mono")
+            fr.sample_rate, fr.pts = rate, i * spf
+            for p in a.encode(fr):
+                c.mux(p)
+        for st in (v, a):
+            for p in st.encode(None):
+                c.mux(p)
+    return path
+
+
+def cut(src, dst, fraction=0.6):
+    data = src.read_bytes()
+    dst.write_bytes(data[:int(len(data) * fraction)])
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["faststart_mp4", "mpeg1_ps", "mpeg2_ps", "mjpeg_avi", "mkv"])
+def test_truncation_detected(tmp_path, kind):
+    kw = {"faststart_mp4": dict(options={"movflags": "faststart"}),
+          "mpeg1_ps": dict(vcodec="mpeg1video", acodec="mp2", fmt="mpeg"),
+          "mpeg2_ps": dict(vcodec="mpeg2video", acodec="mp2", fmt="mpeg"),
+          "mjpeg_avi": dict(vcodec="mjpeg", acodec="pcm_s16le", pix_fmt="yuvj420p"),
+          "mkv": dict()}[kind]
+    ext = {"faststart_mp4": "mp4", "mpeg1_ps": "mpg", "mpeg2_ps": "mpg", "mjpeg_avi": "avi", "mkv": "mkv"}[kind]
+    full = make_clip(tmp_path / f"full.{ext}", **kw)
+    r = VideoReader(full)
+    assert r.truncation is None and sum(1 for _ in r) == 90
+    assert r.truncation is None and r.decoded_frames == 90 and r.truncation_message() is None
+
+    r = VideoReader(cut(full, tmp_path / f"cut.{ext}"))
+    n = sum(1 for _ in r)
+    tr = r.truncation
+    assert tr is not None and tr["decoded_frames"] == n == r.decoded_frames and 30 < n < 90, tr
+    assert abs(tr["decoded_seconds"] - n / 25) < 0.05
+    if kind in ("faststart_mp4", "mjpeg_avi", "mkv"):  # the container announces the full length
+        assert tr["expected_frames"] in (90, 91, 92) and abs(tr["expected_seconds"] - 3.6) < 0.1
+    else:  # MPEG-PS has no length field: its duration is guessed from the (cut) end; the last frame is incomplete
+        assert tr["expected_frames"] is None and "incomplete" in tr["error"]
+    msg = r.truncation_message()
+    assert "\n" not in msg and str(n) in msg
+    assert sum(1 for _ in r) == n and r.truncation == tr  # every pass gives the same answer
+
+
+def test_cut_mp4_with_index_at_the_end_is_refused(tmp_path):
+    bad = cut(make_clip(tmp_path / "full.mp4"), tmp_path / "cut.mp4")
+    with pytest.raises(KeeprError, match="cut short") as e:
+        VideoReader(bad)
+    assert "\n" not in str(e.value)
+
+
+def _tkhd_matrix(path):
+    """The a, b, c, d entries (16.16 fixed point) of the first track header's matrix, read from the mp4 bytes."""
+    data = path.read_bytes()
+    i = data.index(b"tkhd") - 4
+    version = data[i + 8]
+    matrix_at = i + 8 + 4 + (32 if version == 1 else 20) + 16  # after version/flags, times, ..., volume
+    vals = np.frombuffer(data[matrix_at:matrix_at + 36], dtype=">i4")
+    return [int(vals[0]), int(vals[1]), int(vals[3]), int(vals[4])]
+
+
+def make_sideways(path, upright, turn_ccw):
+    """Store ``upright`` frames turned sideways, with a display matrix saying to turn them ``turn_ccw`` degrees
+    counter-clockwise to show them upright (what a phone writes)."""
+    stored = np.ascontiguousarray(np.rot90(upright, k=-turn_ccw // 90))  # undo the display turn
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=25)
+        v.height, v.width = stored.shape[:2]
+        v.pix_fmt = "yuv420p"
+        v.set_display_rotation(turn_ccw)
+        for _ in range(5):
+            for p in v.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                c.mux(p)
+        for p in v.encode(None):
+            c.mux(p)
+    return path
+
+
+def portrait_with_marker():
+    img = np.full((160, 120, 3), 40, np.uint8)  # upright: 120 wide, 160 tall
+    img[8:40, 8:40] = (255, 255, 255)  # marker in the top-left corner
+    img[120:150, 80:110] = (255, 0, 0)  # a red one bottom-right
+    return img
+
+
+def marker_corner(image):
+    h, w = image.shape[:2]
+    white = (image.astype(int).sum(-1) > 600)
+    ys, xs = np.nonzero(white)
+    return ("top" if ys.mean() < h / 2 else "bottom") + "-" + ("left" if xs.mean() < w / 2 else "right")
+
+
+@pytest.mark.parametrize("turn", [90, 270, 180])
+def test_rotated_clip_decoded_upright_and_written_upright(tmp_path, turn):
+    src = make_sideways(tmp_path / "phone.mp4", portrait_with_marker(), turn)
+    if turn in (90, 270):  # independent check of the tag in the file (QuickTime tkhd matrix, y axis down)
+        a, b, c, d = _tkhd_matrix(src)
+        # 'turn 90 counter-clockwise' maps x' = y, y' = -x: b = -1, c = 1 (and the reverse for 270)
+        assert (a, d) == (0, 0) and (b, c) == ((-65536, 65536) if turn == 90 else (65536, -65536))
+        with av.open(str(src)) as cont:
+            s = cont.streams.video[0]
+            assert (s.codec_context.width, s.codec_context.height) == (160, 120)  # stored sideways
+    r = VideoReader(src)
+    assert r.rotation == turn and (r.width, r.height) == (120, 160)
+    frames = list(r)
+    assert len(frames) == 5 and frames[0].image.shape == (160, 120, 3)
+    assert marker_corner(frames[0].image) == "top-left"
+    assert frames[0].image[135, 95, 0] > 200 and frames[0].image[135, 95, 1] < 60  # red stays bottom-right
+
+    out = tmp_path / "o.mp4"
+    with VideoWriter(out, r.width, r.height, r.fps, preset="ultrafast") as w:
+        for f in frames:
+            w.write(f.image)
+    back = VideoReader(out)
+    assert back.rotation == 0 and (back.width, back.height) == (120, 160)  # upright pixels, no tag
+    assert marker_corner(next(iter(back)).image) == "top-left"
+
+
+def test_legacy_rotate_tag_is_clockwise(tmp_path, monkeypatch):
+    """'rotate=90' (old ffmpeg / phones) means: turn the picture 90 degrees clockwise to show it."""
+    from anonymizer import video
+
+    class Stream:
+        metadata = {"rotate": "90"}
+
+    class FrameNoMatrix:
+        rotation = 0
+
+    assert video._rotation(Stream(), FrameNoMatrix()) == 270  # 90 clockwise = 270 counter-clockwise
+    img = np.zeros((2, 3, 3), np.uint8)
+    img[0, 0] = 255  # top-left of the stored picture goes to the top-right when turned clockwise
+    up = video._upright(img, 270)
+    assert up.shape == (3, 2, 3) and up[0, 1, 0] == 255
 
 
 def test_plan_timestamps_cfr_and_vfr():
