@@ -11,6 +11,11 @@ up in a gallery of all other photos (top-1 re-identification).
 Outputs in ``--out`` (each written atomically): ``results.csv`` (one row per video and method, plus ``ALL videos``
 and ``photos`` rows), ``results.md`` (the per-method table), ``leakage_vs_realism.png`` and
 ``identity_distance.png`` (per-frame identity distance per method and video).
+
+A video that fails (a KeeprError: no face found, unreadable, a method that fails on it) does not stop the
+evaluation: it is reported with its error (an ``error`` column in results.csv naming the file and the cause, a
+"Failed" list in results.md, a warning on stderr) and the other videos go on. Only when every video fails does the
+evaluation fail (one line, exit status 1), after writing results.csv and results.md with the errors.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import csv
 import io
 import math
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +148,30 @@ def _crop(frame: np.ndarray, box, size: int) -> np.ndarray:
 
 
 @dataclass
+class ClipFailure:
+    """A video, or one method on it, that could not be evaluated."""
+
+    video: Path
+    method: str | None  # None: the video itself (reading, tracking) failed, for every method
+    error: str  # one line, naming the file
+
+    def rows(self, methods: Sequence[str]) -> list[dict]:
+        """Its results.csv rows: one per method it stands for."""
+        return [{"dataset": self.video.name, "method": m, "error": self.error}
+                for m in ([self.method] if self.method else methods)]
+
+
+def failure_message(path: Path, exc: BaseException) -> str:
+    """The error on one line, naming the file (prefixed with the path when the message does not name it)."""
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if str(path) in msg or path.name in msg:
+        return msg
+    if msg.startswith("video: "):  # a generic source name (eval.baselines.track_target): put the file in its place
+        msg = msg[len("video: "):]
+    return f"{path}: {msg}"
+
+
+@dataclass
 class ClipScore:
     """Per-frame measurements of one method on one clip, and its summary row."""
 
@@ -223,8 +253,14 @@ def evaluate_video(
     measurer: M.FaceMeasurer,
     gallery: tuple[np.ndarray, list[str]] | None = None,
     work_dir: Path | None = None,
+    failures: list[ClipFailure] | None = None,
 ) -> dict[str, ClipScore]:
-    """Track the target face once, anonymize it with every method, score each."""
+    """Track the target face once, anonymize it with every method, score each.
+
+    A KeeprError of the video itself (unreadable, no face) is raised. A KeeprError of one method is raised too,
+    unless ``failures`` is given: then it is appended there (a :class:`ClipFailure` naming the file) and the other
+    methods go on.
+    """
     frames, _fps = read_frames(path, settings.max_frames)
     infer_settings = keepr_settings(settings.keepr)
     infer_settings.progress = settings.progress
@@ -237,15 +273,22 @@ def evaluate_video(
     reference = [measurer.measure(f, b) if b is not None else M.FaceMeasurement.missing() for f, b in it]
     scores: dict[str, ClipScore] = {}
     for name in settings.methods:
-        if name == "keepr":
-            with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-                anonymized = keepr_frames(path, Path(tmp) / "keepr", len(frames), infer_settings)
-            if len(anonymized) != len(frames):
-                raise KeeprError(f"{path}: KEEP:R output has {len(anonymized)} frames, expected {len(frames)}")
-        else:
-            anonymized = list(PixelMethod(name, margin=settings.margin)(frames, boxes))
-        score = score_method(name, frames, anonymized, boxes, reference, measurer, settings, gallery,
-                             progress_desc=f"measure {name} {path.name}")
+        try:
+            if name == "keepr":
+                with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+                    anonymized = keepr_frames(path, Path(tmp) / "keepr", len(frames), infer_settings)
+                if len(anonymized) != len(frames):
+                    raise KeeprError(f"{path}: KEEP:R output has {len(anonymized)} frames, expected {len(frames)}")
+            else:
+                anonymized = list(PixelMethod(name, margin=settings.margin)(frames, boxes))
+            score = score_method(name, frames, anonymized, boxes, reference, measurer, settings, gallery,
+                                 progress_desc=f"measure {name} {path.name}")
+        except KeeprError as exc:
+            if failures is None:
+                raise
+            failures.append(ClipFailure(path, name, failure_message(path, exc)))
+            _warn(failures[-1])
+            continue
         score.row = {"dataset": path.name, **score.row}
         scores[name] = score
     return scores
@@ -348,8 +391,10 @@ def _fmt(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos: Sequence[Path], photos_count: int) -> str:
-    """The per-method results table (videos aggregated; re-id from the photos) with notes on unavailable metrics."""
+def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos: Sequence[Path], photos_count: int,
+                   failures: Sequence[ClipFailure] = ()) -> str:
+    """The per-method results table (videos aggregated; re-id from the photos) with notes on unavailable metrics and
+    the list of failed videos (left out of the table)."""
     cols = [c for c in TABLE_COLUMNS]
     lines = ["| method | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     notes = set()
@@ -374,7 +419,13 @@ def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos
     )
     for n in sorted(notes):
         text += f"\n- {n}"
-    return text + ("\n" if notes else "")
+    text += "\n" if notes else ""
+    if failures:
+        text += "\nFailed (left out of the table):\n"
+        for f in failures:
+            text += f"\n- {f.video.name}{'' if f.method is None else f' ({f.method})'}: {f.error}"
+        text += "\n"
+    return text
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -452,6 +503,12 @@ class EvalResult:
     per_video: dict[str, dict[str, ClipScore]]
     table: str  # results.md
     files: list[Path]
+    failures: list[ClipFailure] = field(default_factory=list)  # videos (or methods on them) that failed
+
+
+def _warn(f: ClipFailure) -> None:
+    what = "" if f.method is None else f" (method {f.method})"
+    tqdm.write(f"warning: {f.error}{what}; going on with the others", file=sys.stderr)
 
 
 def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, out_dir: str | Path,
@@ -465,10 +522,11 @@ def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, 
     photo_paths = list_files(photos, PHOTO_SUFFIXES, "photo")
     out_dir = Path(out_dir)
     if "keepr" in settings.methods:
-        from anonymizer.pipeline import check_model_files, check_settings
+        from anonymizer.checks import validate_settings
+        from anonymizer.pipeline import check_model_files
 
         infer_settings = keepr_settings(settings.keepr)
-        check_settings(infer_settings)
+        validate_settings(infer_settings)
         check_model_files(infer_settings.models)  # fail before any work when a model file is missing
     measurer = M.FaceMeasurer(upsample=settings.upsample)
 
@@ -478,21 +536,46 @@ def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, 
         gallery = (np.stack([m.descriptor for m in described.values()]), [photo_identity(p) for p in described])
 
     per_video: dict[str, dict[str, ClipScore]] = {}
+    failures: list[ClipFailure] = []
+    rows: list[dict] = []
     it = tqdm(video_paths, desc="videos", unit="video") if settings.progress else video_paths
     for v in it:
-        per_video[v.name] = evaluate_video(v, settings, measurer, gallery)
+        before = len(failures)
+        try:
+            scores = evaluate_video(v, settings, measurer, gallery, failures=failures)
+        except KeeprError as exc:  # the video itself: unreadable, no face...
+            failures.append(ClipFailure(v, None, failure_message(v, exc)))
+            _warn(failures[-1])
+            scores = {}
+        if scores:
+            per_video[v.name] = scores
+        # Rows in the order of the methods: scores and errors of this video.
+        errors = {m: f for f in failures[before:] for m in ([f.method] if f.method else settings.methods)}
+        for m in settings.methods:
+            if m in scores:
+                rows.append(scores[m].row)
+            elif m in errors:
+                rows.append({"dataset": v.name, "method": m, "error": errors[m].error})
     summary = aggregate(per_video, settings.methods)
     photo_rows = evaluate_photos(photo_paths, described, settings, measurer) if described else {}
 
-    rows = [clip.row for clips in per_video.values() for clip in clips.values()]
     rows += list(summary.values()) + list(photo_rows.values())
-    table = markdown_table(summary, photo_rows, video_paths, len(described))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluated = [v for v in video_paths if v.name in per_video]
+    table = markdown_table(summary, photo_rows, evaluated, len(described), failures)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeeprError(f"{out_dir}: cannot create the output directory ({exc.strerror})") from None
     _write_csv(out_dir / "results.csv", rows)
     with atomic_path(out_dir / "results.md", ".md") as tmp:
         tmp.write_text(table)
-    files = [out_dir / "results.csv", out_dir / "results.md"] + plot_results(out_dir, summary, per_video)
-    return EvalResult(rows, summary, photo_rows, per_video, table, files)
+    files = [out_dir / "results.csv", out_dir / "results.md"]
+    if not per_video:
+        raise KeeprError(f"every video failed ({len(video_paths)}): {failures[0].error}"
+                         f"{f' (and {len(failures) - 1} more)' if len(failures) > 1 else ''}; the errors are in "
+                         f"{out_dir / 'results.csv'}")
+    files += plot_results(out_dir, summary, per_video)
+    return EvalResult(rows, summary, photo_rows, per_video, table, files, failures)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,3 +158,91 @@ def test_aggregate_weights_by_frames_and_sums_counts():
     assert r["match_rate@0.6"] == pytest.approx(0.75)  # frame-weighted
     assert r["warping_error"] == 1.0  # NaN clips are left out
     assert r["fid"] == "unavailable (x)"
+
+
+def _faceless_video(path: Path, n: int = 6, size=(160, 120)) -> Path:
+    """A short mp4 of a moving gradient: a clip with no face."""
+    import av
+    import numpy as np
+
+    w, h = size
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        yy, xx = np.mgrid[0:h, 0:w]
+        for i in range(n):
+            img = np.stack([(xx + 4 * i) % 256, yy * 2 % 256, np.full_like(xx, 90)], -1).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def test_a_faceless_clip_is_reported_and_the_evaluation_goes_on(media_dir, tmp_path, capsys):
+    """Issue 12: one face-less clip in a folder must not abort the evaluation; its row names the file and cause."""
+    import shutil
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(media_dir / "videos" / "bbaf2n.mpg", clips / "bbaf2n.mpg")
+    faceless = _faceless_video(clips / "gradient.mp4")
+    out = tmp_path / "results"
+    result = main(["--videos", str(clips), "--methods", "none,blur", "--out", str(out), "--max_frames", "4",
+                   "--no_progress"])
+    rows = _rows(out / "results.csv")
+    for m in ("none", "blur"):
+        err = rows[("gradient.mp4", m)]["error"]
+        assert str(faceless) in err and "no face found" in err
+        assert rows[("bbaf2n.mpg", m)]["error"] == ""  # the clip that works is scored as before
+        assert int(rows[("bbaf2n.mpg", m)]["frames"]) == 4
+    assert int(rows[("ALL videos", "none")]["frames"]) == 4  # the failed clip is left out of the aggregate
+    assert float(rows[("bbaf2n.mpg", "none")]["match_rate@0.6"]) == 1.0
+    table = (out / "results.md").read_text()
+    assert "Failed (left out of the table):" in table and f"- gradient.mp4: {faceless}: no face found" in table
+    assert "Videos: bbaf2n.mpg;" in table
+    assert [(f.video, f.method) for f in result.failures] == [(faceless, None)]
+    assert list(result.per_video) == ["bbaf2n.mpg"]
+    assert (out / "identity_distance.png").is_file()
+    err = capsys.readouterr().err
+    assert f"warning: {faceless}: no face found" in err
+
+
+def test_every_clip_failing_is_one_line_error_with_results_written(tmp_path, capsys):
+    faceless = _faceless_video(tmp_path / "gradient.mp4")
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exc:
+        main(["--videos", str(faceless), "--methods", "none", "--out", str(out), "--max_frames", "3", "--no_progress"])
+    assert exc.value.code == 1
+    # A warning when the clip fails, then the error: one line.
+    warning, err = capsys.readouterr().err.strip().splitlines()
+    assert warning == f"warning: {faceless}: no face found in any frame; going on with the others"
+    assert err == (f"error: every video failed (1): {faceless}: no face found in any frame; the errors are in "
+                   f"{out / 'results.csv'}")
+    rows = _rows(out / "results.csv")
+    assert "no face found" in rows[("gradient.mp4", "none")]["error"]
+    assert "gradient.mp4" in (out / "results.md").read_text()
+
+
+def test_a_failing_method_is_reported_and_the_others_go_on(media_dir, tmp_path, monkeypatch):
+    import eval.run as run
+    from keepr.errors import KeeprError
+
+    real = run.PixelMethod
+
+    class Failing(real):
+        def __call__(self, frames, boxes):
+            if self.name == "blur":
+                raise KeeprError("blur broke")
+            return super().__call__(frames, boxes)
+
+    monkeypatch.setattr(run, "PixelMethod", Failing)
+    video = media_dir / "videos" / "bbaf2n.mpg"
+    out = tmp_path / "results"
+    result = main(["--videos", str(video), "--methods", "none,blur", "--out", str(out), "--max_frames", "3",
+                   "--no_progress"])
+    rows = _rows(out / "results.csv")
+    assert rows[("bbaf2n.mpg", "blur")]["error"] == f"{video}: blur broke"
+    assert int(rows[("bbaf2n.mpg", "none")]["frames"]) == 3
+    assert [(f.method, f.error) for f in result.failures] == [("blur", f"{video}: blur broke")]
+    assert "- bbaf2n.mpg (blur): " in result.table
