@@ -383,3 +383,21 @@ def test_atomic_dir_refuses_an_output_written_meanwhile(tmp_path):
             (dest / "y").write_text("theirs")
     assert [p.name for p in dest.iterdir()] == ["y"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_real_disk_full_on_a_small_tmpfs(tmp_path):
+    """The same on a real full file system (a 64 KiB tmpfs; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(KeeprError, match=r"small/out: cannot write the output \(No space left on device, .* MB free"):
+            with atomic_dir(mnt / "out") as tmp:
+                with open(tmp / "anonymized.mp4", "wb") as f:
+                    for _ in range(64):
+                        f.write(b"\0" * 4096)
+                        f.flush()
+        assert list(mnt.iterdir()) == []  # the partial output is gone
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
