@@ -102,10 +102,14 @@ def _open(path: str):
 
 
 def _codec_name(stream) -> str | None:
+    """The codec's canonical name (e.g. 'subrip', 'ass', 'mp3'; decoders may be called 'srt', 'ssa', 'mp3float')."""
     cc = stream.codec_context
-    if cc is not None and cc.name:
-        return cc.name
-    return None
+    if cc is None:
+        return None
+    try:
+        return cc.codec.canonical_name or cc.name
+    except Exception:  # noqa: BLE001 - no codec
+        return cc.name or None
 
 
 def _has_decoder(stream) -> bool:
@@ -155,7 +159,8 @@ def plan_streams(source, audio: str = "copy") -> StreamPlan:
                 if codec in MP4_SUBTITLES:
                     a.action = "copy"
                 elif codec in TEXT_SUBTITLES and _has_decoder(s):
-                    a.action, a.to, a.reason = "transcode", "mov_text", f"mp4 holds text subtitles as mov_text, not {codec}"
+                    a.action, a.to = "transcode", "mov_text"
+                    a.reason = f"mp4 holds text subtitles as mov_text, not {codec}"
                 else:
                     a.reason = f"mp4 cannot hold {codec or 'these'} subtitles (only text subtitles are carried)"
             elif s.type == "data":
@@ -165,7 +170,8 @@ def plan_streams(source, audio: str = "copy") -> StreamPlan:
             else:
                 a.reason = f"{s.type} streams are not carried"
             plan.streams.append(a)
-        _check_copies(c, plan)
+        has_decoder = {s.index: _has_decoder(s) for s in c.streams}
+    _check_copies(path, plan, has_decoder)
     for a in plan.streams:
         name = f"{a.type} stream #{a.index} ({a.codec or 'unknown codec'})"
         if a.action == "drop":
@@ -175,65 +181,57 @@ def plan_streams(source, audio: str = "copy") -> StreamPlan:
     return plan
 
 
-def _trial_mux(container, streams: list) -> str | None:
-    """Mux the first packets of ``streams`` (input streams) into a throw-away in-memory mp4; the error, or None."""
-    packets = {s.index: [] for s in streams}
-    try:
-        n = 0
-        for p in container.demux(streams):
-            n += 1
-            if p.size and (p.pts is not None or p.dts is not None) and len(packets[p.stream.index]) < _PROBE_PACKETS:
-                packets[p.stream.index].append(p)
-            if n >= _PROBE_READ_LIMIT or all(len(v) >= _PROBE_PACKETS for v in packets.values()):
-                break
-    except av.error.FFmpegError:
-        pass  # a damaged input: mux what was read
-    buf = io.BytesIO()
-    try:
-        with av.open(buf, mode="w", format="mp4") as out:
-            outs = {s.index: out.add_stream_from_template(s) for s in streams}
-            out.start_encoding()
-            for s in streams:
-                first = None
-                for p in packets[s.index]:
-                    first = p.dts if first is None and p.dts is not None else first
-                    shift = first or 0
-                    if p.pts is not None:
-                        p.pts -= shift
-                    if p.dts is not None:
-                        p.dts -= shift
-                    p.stream = outs[s.index]
-                    out.mux(p)
-        return None
-    except (av.error.FFmpegError, ValueError) as exc:
-        return getattr(exc, "strerror", None) or str(exc)
+def _trial_mux(path: str, indices: list[int]) -> str | None:
+    """Mux the first packets of the input streams ``indices`` into a throw-away in-memory mp4 (header, packets,
+    trailer). Returns the muxer's error, or None when it took them."""
+    with _open(path) as container:
+        by_index = {s.index: s for s in container.streams}
+        streams = [by_index[i] for i in indices]
+        packets = {i: [] for i in indices}
+        try:
+            for n, p in enumerate(container.demux(streams)):
+                got = packets[p.stream.index]
+                if p.size and (p.pts is not None or p.dts is not None) and len(got) < _PROBE_PACKETS:
+                    got.append(p)
+                if n >= _PROBE_READ_LIMIT or all(len(v) >= _PROBE_PACKETS for v in packets.values()):
+                    break
+        except av.error.FFmpegError:
+            pass  # a damaged input: mux what was read
+        try:
+            with av.open(io.BytesIO(), mode="w", format="mp4") as out:
+                outs = {s.index: out.add_stream_from_template(s) for s in streams}
+                out.start_encoding()
+                for i in indices:
+                    first = next((p.dts for p in packets[i] if p.dts is not None), 0)
+                    for p in packets[i]:
+                        if p.pts is not None:
+                            p.pts -= first
+                        if p.dts is not None:
+                            p.dts -= first
+                        p.stream = outs[i]
+                        out.mux(p)
+            return None
+        except (av.error.FFmpegError, ValueError) as exc:
+            return getattr(exc, "strerror", None) or str(exc)
 
 
-def _check_copies(container, plan: StreamPlan) -> None:
-    """Downgrade planned copies that the mp4 muxer refuses to transcode (audio) or drop (subtitles)."""
+def _check_copies(path: str, plan: StreamPlan, has_decoder: dict[int, bool]) -> None:
+    """Downgrade planned copies that the mp4 muxer refuses: audio to a transcode, anything else to a drop."""
     copies = [a for a in plan.streams if a.action == "copy"]
-    if not copies:
-        return
-    by_index = {s.index: s for s in container.streams}
-    if _trial_mux(container, [by_index[a.index] for a in copies]) is None:
+    if not copies or _trial_mux(path, [a.index for a in copies]) is None:
         return
     for a in copies:  # find the culprit(s)
-        container.seek(0)
-        why = _trial_mux(container, [by_index[a.index]])
+        why = _trial_mux(path, [a.index])
         if why is None:
             continue
-        if a.type == "audio" and _has_decoder(by_index[a.index]):
+        if a.type == "audio" and has_decoder[a.index]:
             a.action, a.to, a.reason = "transcode", "aac", f"mp4 cannot hold {a.codec} ({why})"
         else:
             a.action, a.reason = "drop", f"mp4 cannot hold {a.codec} ({why})"
-    container.seek(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Carrying out a plan.
-
-_ASS_HEADER_FALLBACK = None  # mov_text takes the decoder's ASS header; FFmpeg's text decoders always provide one
-
 
 class _Kept:
     """One kept input stream and how its packets reach the output."""
@@ -246,6 +244,7 @@ class _Kept:
         self.resampler = None
         self.next_pts = None
         self.rate = None
+        self.skipped = 0  # packets that could not be decoded (transcoded streams)
 
 
 class StreamMuxer:
@@ -287,7 +286,7 @@ class StreamMuxer:
                 dec.open(strict=False)
                 out = container.add_stream("mov_text")
                 out.codec_context.time_base = s.time_base
-                out.codec_context.subtitle_header = dec.subtitle_header or _ASS_HEADER_FALLBACK
+                out.codec_context.subtitle_header = dec.subtitle_header  # FFmpeg's text decoders make an ASS header
             if a.language:
                 out.metadata["language"] = a.language
             k = _Kept(a, s, out, self.start_time)
@@ -328,15 +327,24 @@ class StreamMuxer:
             p.stream = k.out
             self.container.mux(p)
         elif k.action.type == "audio":
-            for frame in p.decode():
+            try:
+                frames = p.decode()
+            except av.error.FFmpegError:
+                k.skipped += 1  # a damaged packet: skipped, as ffmpeg does
+                return
+            for frame in frames:
                 self._encode_audio(k, frame)
         else:
             if not p.size or p.pts is None:
                 return
-            subs = k.stream_in.codec_context.decode2(p)
-            if subs is None:
+            try:
+                subs = k.stream_in.codec_context.decode2(p)
+                q = k.out.codec_context.encode_subtitle(subs) if subs is not None and len(subs) else None
+            except av.error.FFmpegError:
+                q = None
+            if q is None:
+                k.skipped += 1
                 return
-            q = k.out.codec_context.encode_subtitle(subs)
             q.stream = k.out
             q.time_base = p.time_base
             q.pts = q.dts = p.pts - k.offset

@@ -77,7 +77,8 @@ class VideoInfo:
         return d
 
     def expected_frames(self) -> tuple[int | None, str | None]:
-        """Frames the container announces: (count, 'frames' | 'stream duration' | 'container duration') or (None, None)."""
+        """Frames the container announces, and from what: (n, 'frames' | 'stream duration' | 'container duration'),
+        or (None, None)."""
         if self.num_frames:
             return self.num_frames, "frames"
         if self.duration:
@@ -86,7 +87,7 @@ class VideoInfo:
 
 
 class Frame(NamedTuple):
-    """One decoded frame: running index, RGB uint8 [H,W,3] upright, presentation timestamp (stream time base), seconds."""
+    """One decoded frame: running index, upright RGB uint8 [H,W,3], timestamp (stream time base), seconds."""
 
     index: int
     image: np.ndarray
@@ -323,7 +324,7 @@ class VideoReader:
         if error is None and not short:
             error = f"the last frame (#{decoded - 1}) is incomplete"
         if not short:
-            expected = None  # the container's figure agrees with what was decoded (e.g. MPEG-PS guesses it from the end)
+            expected = None  # the container's figure agrees with the decoded one (MPEG-PS guesses it from the end)
         decoded_seconds = (last_time - self.video_start + 1 / fps) if last_time is not None else decoded / fps
         return {
             "expected_frames": expected,
