@@ -170,10 +170,11 @@ def test_every_problem_in_one_line():
 def test_names_kept_in_step_with_the_modules():
     from anonymizer import checks
     from anonymizer.candidates import LAYER_GROUPS
-    from anonymizer.video import AUDIO_MODES
+    from anonymizer.video import AUDIO_MODES, X264_PRESETS
 
     assert tuple(LAYER_GROUPS) == checks.LAYER_GROUPS
     assert tuple(AUDIO_MODES) == checks.AUDIO_MODES
+    assert tuple(X264_PRESETS) == checks.X264_PRESETS
 
 
 # ----------------------------------------------------------------------------------------------------------------
