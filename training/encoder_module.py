@@ -22,6 +22,7 @@ from datasets.pairs import load_manifest
 from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import sha256_file
 from keepr.images import to_float_image
+from keepr.weights import torch_load_weights
 from models.encoder import Encoder, save_encoder
 
 # ----------------------------------------------------------------------------
@@ -44,11 +45,53 @@ def resolve_generator_path(generator_path: Optional[str], pairs_root: Optional[s
     else:
         raise KeeprError("no generator: give model.generator_path or a pair directory whose manifest.json names one")
     if not path.is_file():
-        raise MissingWeightsError(str(path), "StyleGAN2 generator", "see tests/fixtures/specs/STYLEGAN2_CHECKPOINTS.md")
+        from models.stylegan2.loaders import WHERE_TO_GET
+
+        raise MissingWeightsError(str(path), "StyleGAN2 generator", WHERE_TO_GET)
     if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
         raise KeeprError(f"{path}: generator differs from the one that made the pairs in {pairs_root} "
                          f"(manifest sha256 {recorded['sha256'][:12]}...)")
     return path
+
+
+def check_hparams(**hp: Any) -> None:
+    """KeeprError (one line, naming the option) for a training option out of range; called before anything is loaded.
+
+    Takes any subset of EncoderModule's arguments, so the command line can check them before building anything.
+    """
+    def bad(name: str, want: str) -> KeeprError:
+        return KeeprError(f"model.{name} must be {want}, got {hp[name]!r}")
+
+    def number(name: str) -> Optional[float]:
+        value = hp.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(name, "a finite number")
+        return float(value)
+
+    weights = [number(k) for k in ("latent_weight", "pixel_weight", "lpips_weight")]
+    if any(w is not None and w < 0 for w in weights) or (None not in weights and sum(weights) <= 0):
+        raise KeeprError(f"loss weights must be >= 0 and not all zero (latent {hp.get('latent_weight')}, "
+                         f"pixel {hp.get('pixel_weight')}, lpips {hp.get('lpips_weight')})")
+    if (lr := number("lr")) is not None and lr <= 0:
+        raise bad("lr", "> 0")
+    if hp.get("betas") is not None:
+        betas = hp["betas"]
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+            raise bad("betas", "two numbers in [0, 1)")
+    for name in ("weight_decay", "input_noise"):
+        if (v := number(name)) is not None and v < 0:
+            raise bad(name, ">= 0")
+    if (v := number("ema_decay")) is not None and not 0.0 <= v < 1.0:
+        raise bad("ema_decay", "in [0, 1)")
+    for name in ("warmup_steps", "log_images"):
+        v = hp.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise bad(name, "an integer >= 0")
+    if hp.get("lpips_net") is not None and hp["lpips_net"] not in ("alex", "vgg"):
+        raise bad("lpips_net", "'alex' or 'vgg'")
 
 
 class EncoderModule(pl.LightningModule):
@@ -83,10 +126,9 @@ class EncoderModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if min(latent_weight, pixel_weight, lpips_weight) < 0 or latent_weight + pixel_weight + lpips_weight <= 0:
-            raise KeeprError(f"loss weights must be >= 0 and not all zero (latent {latent_weight}, pixel {pixel_weight}, lpips {lpips_weight})")
-        if input_noise < 0:
-            raise KeeprError(f"input_noise must be >= 0, got {input_noise}")
+        check_hparams(latent_weight=latent_weight, pixel_weight=pixel_weight, lpips_weight=lpips_weight, lr=lr,
+                      betas=betas, weight_decay=weight_decay, input_noise=input_noise, warmup_steps=warmup_steps,
+                      log_images=log_images, ema_decay=ema_decay, lpips_net=lpips_net)
         from models.stylegan2 import load_generator
 
         self.generator_path = str(resolve_generator_path(generator_path, pairs_root))
@@ -104,8 +146,6 @@ class EncoderModule(pl.LightningModule):
         self.encoder = Encoder(**kwargs)
         with torch.no_grad():
             self.encoder.w_avg.copy_(G.w_avg.detach().float().cpu())
-        if not 0.0 <= ema_decay < 1.0:
-            raise KeeprError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.encoder_ema = copy.deepcopy(self.encoder).requires_grad_(False) if ema_decay > 0 else None
 
         self.lpips = None
@@ -281,15 +321,42 @@ class EncoderModule(pl.LightningModule):
 # ----------------------------------------------------------------------------
 
 
-def load_encoder_from_checkpoint(ckpt_path: str | os.PathLike, template: Encoder | None = None) -> Encoder:
-    """The encoder of a training checkpoint (its moving average if it has one), read with ``weights_only=True``."""
+def read_training_checkpoint(ckpt_path: str | os.PathLike) -> dict:
+    """A checkpoint written by training this module, read with ``weights_only=True`` (nothing in it can run code).
+
+    KeeprError (one line) when the file is missing, truncated, holds Python objects besides tensors and plain data,
+    or is not an encoder training checkpoint.
+    """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise KeeprError(f"{ckpt_path}: checkpoint not found")
-    try:
-        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise KeeprError(f"{ckpt_path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
+    ckpt = torch_load_weights(ckpt_path, "training checkpoint")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "global_step" not in ckpt:
+        raise KeeprError(f"{ckpt_path}: not a Lightning training checkpoint (no state_dict and global_step); "
+                         f"give a .ckpt written by train_encoder.py")
+    if "encoder_config" not in ckpt or not any(str(k).startswith("encoder.") for k in ckpt["state_dict"]):
+        raise KeeprError(f"{ckpt_path}: not an encoder training checkpoint (no encoder weights or config; made by "
+                         f"another model?)")
+    return ckpt
+
+
+def check_checkpoint_fits(ckpt: dict, module: pl.LightningModule, ckpt_path: str | os.PathLike) -> None:
+    """KeeprError unless the checkpoint's weights have exactly the names and shapes of ``module``'s."""
+    own, theirs = module.state_dict(), ckpt["state_dict"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [f"{k} {list(theirs[k].shape)} != {list(v.shape)}" for k, v in own.items()
+              if k in theirs and isinstance(theirs[k], torch.Tensor) and theirs[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                 f"shapes {shapes[:3]}" if shapes else ""]
+        raise KeeprError(f"{ckpt_path}: checkpoint does not fit this model's encoder ({'; '.join(p for p in parts if p)}); "
+                         f"resume with the encoder and ema_decay settings it was trained with")
+
+
+def load_encoder_from_checkpoint(ckpt_path: str | os.PathLike, template: Encoder | None = None) -> Encoder:
+    """The encoder of a training checkpoint (its moving average if it has one), read with ``weights_only=True``."""
+    ckpt = read_training_checkpoint(ckpt_path)
     weights = ckpt.get("state_dict", {})
     prefix = "encoder_ema." if any(k.startswith("encoder_ema.") for k in weights) else "encoder."
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -306,8 +373,7 @@ def load_encoder_from_checkpoint(ckpt_path: str | os.PathLike, template: Encoder
 
 def checkpoint_generator_path(ckpt_path: str | os.PathLike) -> Optional[str]:
     """The generator path a training checkpoint was made with (None if not recorded)."""
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    return ckpt.get("generator_path")
+    return read_training_checkpoint(ckpt_path).get("generator_path")
 
 
 class ExportEncoder(pl.Callback):
