@@ -33,10 +33,11 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from anonymizer.fallback import expand_box
 from eval import metrics as M
 from eval import temporal as T
 from eval.backbones import ImageQuality
-from eval.baselines import (PIXEL_METHODS, PixelMethod, expand_box, keepr_frames, keepr_settings, parse_methods,
+from eval.baselines import (PIXEL_METHODS, PixelMethod, keepr_frames, keepr_settings, parse_methods,
                             track_target)
 from keepr.errors import KeeprError, cli_main
 from keepr.fileio import atomic_path

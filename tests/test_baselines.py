@@ -4,15 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.baselines import (
-    PixelMethod,
-    blackbox_region,
-    blur_region,
-    expand_box,
-    mosaic_region,
-    parse_methods,
-    track_target,
-)
+from anonymizer.fallback import blackbox_region, blur_region, expand_box, mosaic_region
+from eval.baselines import PixelMethod, parse_methods, track_target
 from keepr.errors import KeeprError
 
 
