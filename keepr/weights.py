@@ -40,8 +40,10 @@ def read_error_cause(exc: BaseException) -> str:
         return "the file is truncated or corrupt (its zip archive cannot be read)"
     if isinstance(exc, MemoryError):
         return "the file is corrupt (it asks for more memory than there is)"
-    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-        return f"it cannot be read ({exc.strerror or type(exc).__name__})"
+    if isinstance(exc, (PermissionError, IsADirectoryError, FileNotFoundError)):
+        return f"it cannot be opened ({exc.strerror or type(exc).__name__})"
+    if isinstance(exc, OSError):  # torch's zip reader reports a truncated archive as e.g. EINVAL
+        return f"the file is truncated or corrupt ({exc.strerror or type(exc).__name__})"
     if isinstance(exc, pickle.UnpicklingError):
         return "the file is truncated or corrupt (invalid pickle data)"
     return f"the file is truncated or corrupt, or not in this format ({type(exc).__name__})"

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,13 @@ def check_hparams(**hp: Any) -> None:
             raise bad(name, "an integer >= 0")
     if hp.get("lpips_net") is not None and hp["lpips_net"] not in ("alex", "vgg"):
         raise bad("lpips_net", "'alex' or 'vgg'")
+
+
+def batch_seed(epoch: int, batch_idx: int, rank: int = 0) -> int:
+    """Seed of the global RNG for one training batch: a function of the run's seed (``seed_everything``, exported by
+    Lightning as PL_GLOBAL_SEED; 0 without it), the epoch, the batch index and the process rank."""
+    base = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+    return int(np.random.SeedSequence([base, int(epoch), int(batch_idx), int(rank)]).generate_state(1)[0])
 
 
 class EncoderModule(pl.LightningModule):
@@ -185,6 +193,12 @@ class EncoderModule(pl.LightningModule):
     def eval_encoder(self) -> Encoder:
         """The weights validated and exported: the moving average when ``ema_decay > 0``."""
         return self.encoder_ema if self.encoder_ema is not None else self.encoder
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Dropout and input noise draw from the global RNG, whose state Lightning does not checkpoint (and which model
+        # init, the sanity check and data loading also consume): seed it per batch from (seed, epoch, batch, rank), so
+        # a run resumed from an end-of-epoch checkpoint draws exactly what the uninterrupted run drew.
+        torch.manual_seed(batch_seed(self.current_epoch, batch_idx, self.global_rank))
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx):
