@@ -16,6 +16,7 @@ Three execution paths for a synthesis layer give the same result (to ~1e-5), cho
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 from typing import Optional, Sequence
 
 import numpy as np
@@ -265,6 +266,10 @@ class MappingNetwork(torch.nn.Module):
             self.register_buffer("w_avg", torch.zeros([w_dim]))
 
     def forward(self, z, c=None, truncation_psi=1, truncation_cutoff=None, skip_w_avg_update=False):
+        dev = (z if z is not None else c).device.type
+        if torch.is_autocast_enabled(dev):  # Tiny and sets every style: always fp32.
+            with torch.autocast(dev, enabled=False):
+                return self.forward(z, c, truncation_psi, truncation_cutoff, skip_w_avg_update)
         x = None
         if self.z_dim > 0:
             _assert_shape(z, [None, self.z_dim], "z")
@@ -351,31 +356,54 @@ class SynthesisLayer(torch.nn.Module):
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=act_gain, clamp=act_clamp)
 
+    def _weight_terms(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_k w^2 [I, O] for the demodulation, the weight in ``dt``). Without autograd they are cached until the
+        weight changes (a 512x512x3x3 square-sum costs ~25 ms on 2 CPU cores, more than a batch-1 conv)."""
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.square().sum(dim=[2, 3]).t(), w.to(dt)
+        key = _tensor_key(w) + (dt,)
+        if key[4] is None:  # an inference tensor: no version counter to notice an in-place edit, so no cache
+            return w.square().sum(dim=[2, 3]).t(), w.to(dt)
+        cache = self.__dict__.get("_wcache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, w.square().sum(dim=[2, 3]).t(), w.to(dt))
+            self.__dict__["_wcache"] = cache
+        return cache[1], cache[2]
+
     def _forward_fast(self, x, styles, noise, gain, inplace_input=False):
         # conv(x * s) * d + noise + bias, then the activation. The (positive) activation gain is folded into the
         # demodulation coefficients and the bias/noise term: act(g * v) == g * act(v) for relu/lrelu/linear.
         # Without autograd the epilogue runs in place (fresh large tensors cost page faults on CPU), and so does
         # the input scaling when the caller owns x (``inplace_input``: SynthesisBlock passes its temporaries).
+        # Compute dtype = x's dtype (fp32, or bf16/fp16 when SynthesisNetwork runs reduced precision): styles and
+        # demodulation coefficients are computed in fp32 and cast once, so every large tensor op has one dtype
+        # (a mixed-dtype in-place epilogue is what made plain autocast slower than fp32).
         n = x.shape[0]
+        dt = x.dtype
         inplace = not torch.is_grad_enabled()
         act_gain = self.act_gain * gain
-        weight = self.weight.to(x.dtype)
-        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt() * act_gain  # [N, O]
+        weight = self.weight
+        wsq, weight_dt = self._weight_terms(dt)
+        dcoefs = (styles.float().square() @ wsq + 1e-8).rsqrt() * act_gain
         if n == 1:  # one sample: modulate the weights instead of the activations (no grouping needed)
-            wmod = weight * styles.reshape(1, -1, 1, 1) * dcoefs.reshape(-1, 1, 1, 1)
+            wmod = (weight * styles.reshape(1, -1, 1, 1) * dcoefs.reshape(-1, 1, 1, 1)).to(dt)
             y = conv2d_resample(x, wmod, f=self.resample_filter, up=self.up, padding=self.padding,
                                 flip_weight=(self.up == 1))
             scale = None
         else:
-            s = styles.reshape(n, -1, 1, 1)
+            s = styles.reshape(n, -1, 1, 1).to(dt)
             x = x.mul_(s) if (inplace and inplace_input) else x * s
-            y = conv2d_resample(x, weight, f=self.resample_filter, up=self.up, padding=self.padding,
+            y = conv2d_resample(x, weight_dt, f=self.resample_filter, up=self.up, padding=self.padding,
                                 flip_weight=(self.up == 1))
-            scale = dcoefs.reshape(n, -1, 1, 1)
-        nb = self.bias.to(x.dtype).reshape(1, -1, 1, 1) * act_gain
+            scale = dcoefs.reshape(n, -1, 1, 1).to(dt)
+        nb = self.bias.reshape(1, -1, 1, 1) * act_gain
         if noise is not None:
             # Same memory layout as y: broadcasting a differently laid out operand is slow on CPU.
-            nb = (nb + noise * act_gain).contiguous(memory_format=_layout(y))
+            nb = (nb + noise * act_gain).to(dt).contiguous(memory_format=_layout(y))
+        else:
+            nb = nb.to(dt)
         if scale is None:
             y = y.add_(nb) if inplace else y + nb
         elif inplace:
@@ -390,6 +418,17 @@ class SynthesisLayer(torch.nn.Module):
             c = self.conv_clamp * gain
             y = y.clamp_(-c, c) if inplace else y.clamp(-c, c)
         return y
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current value for caches: storage, device, dtype, shape and version counter. Inference
+    tensors (made under torch.inference_mode) have no version counter: their key is only where they live, so a cache
+    stays valid until they are replaced (as .to() does), not after an in-place edit such as load_state_dict."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return (t.data_ptr(), t.device, t.dtype, tuple(t.shape), version)
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -421,7 +460,7 @@ class ToRGBLayer(torch.nn.Module):
             # Fast path: a 1x1 modulated conv is a batched matmul over pixels with per-sample [C, 3] weights;
             # with channels_last activations the pixel matrix is a free view (no scaled copy of x).
             n, c, h, w_ = x.shape
-            wmod = self.weight.to(x.dtype)[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)  # [N, O, C]
+            wmod = (self.weight[:, :, 0, 0].unsqueeze(0) * styles.unsqueeze(1)).to(x.dtype)  # [N, O, C]
             pixels = x.permute(0, 2, 3, 1).reshape(n, h * w_, c)
             y = torch.baddbmm(self.bias.to(x.dtype).reshape(1, 1, -1), pixels, wmod.transpose(1, 2))
             y = y.reshape(n, h, w_, -1).permute(0, 3, 1, 2)
@@ -473,13 +512,14 @@ class SynthesisBlock(torch.nn.Module):
             self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
             self.num_torgb += 1
 
-    def forward(self, x, img, ws, fused_modconv=None, _owns_input=False, **layer_kwargs):
+    def forward(self, x, img, ws, fused_modconv=None, _owns_input=False, compute_dtype=torch.float32,
+                **layer_kwargs):
         _assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], "ws")
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
             if fused_modconv is None:  # fast path runs channels_last (faster convolutions on CPU and GPU)
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = x.to(compute_dtype).contiguous(memory_format=torch.channels_last)
             x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, _inplace_input=True, **layer_kwargs)
         else:
             _assert_shape(x, [None, self.in_channels, self.resolution // 2, self.resolution // 2], "x")
@@ -491,6 +531,8 @@ class SynthesisBlock(torch.nn.Module):
             img = upsample2d(img, self.resample_filter)
         if self.is_last or self.architecture == "skip":
             y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
+            if y.dtype != torch.float32:  # reduced precision: the RGB image accumulates in fp32
+                y = y.float()
             img = img + y if img is not None else y
         return x, img
 
@@ -532,14 +574,22 @@ class SynthesisNetwork(torch.nn.Module):
         """ws [N, num_ws, w_dim] -> img [N, C, R, R]; nominally [-1, 1], not clamped."""
         _assert_shape(ws, [None, self.num_ws, self.w_dim], "ws")
         ws = ws.to(torch.float32)
+        dev = ws.device.type
+        compute_dtype = torch.float32
+        if fused_modconv is None and torch.is_autocast_enabled(dev):
+            # Reduced precision (autocast active, e.g. keepr.precision.autocast): the fast path runs its
+            # activations and convolutions in the autocast dtype itself, with autocast off inside so no op gets a
+            # hidden cast; styles, demodulation and the RGB image stay fp32. Output is fp32.
+            compute_dtype = torch.get_autocast_dtype(dev)
         x = img = None
         w_idx = 0
-        for res in self.block_resolutions:
-            block = getattr(self, f"b{res}")
-            cur = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
-            w_idx += block.num_conv
-            x, img = block(x, img, cur, fused_modconv=fused_modconv, noise_mode=noise_mode, _owns_input=True,
-                           **layer_kwargs)
+        with torch.autocast(dev, enabled=False) if compute_dtype != torch.float32 else _nullcontext():
+            for res in self.block_resolutions:
+                block = getattr(self, f"b{res}")
+                cur = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
+                w_idx += block.num_conv
+                x, img = block(x, img, cur, fused_modconv=fused_modconv, noise_mode=noise_mode, _owns_input=True,
+                               compute_dtype=compute_dtype, **layer_kwargs)
         return img.contiguous()
 
 
