@@ -41,7 +41,9 @@ under ``no_face`` and gets the worst possible score: a similarity below every re
 recogniser then rejects the pair at every threshold: a same-person pair is a miss and a different-person pair a
 correct rejection, which is what a verification system does when it sees no face. No-face pairs tie among themselves
 (counted half in the AUC, as scikit-learn's ``roc_auc_score`` does), so a method that removes every face (blackbox)
-scores AUC 0.5 and TPR 0: chance, not better than chance.
+scores AUC 0.5 and TPR 0: chance, not better than chance. ``--locate`` models a stronger attacker who knows where
+the face was: an anonymized photo in which no face is found is described at the original photo's face box (68
+landmarks predicted inside it), as ``eval.run``'s leakage metrics do; such photos are counted as ``located``.
 
 **Metrics** (:func:`verification_metrics`). A pair is accepted at threshold t when its score >= t. AUC: area under
 the ROC curve, equal to the Mann-Whitney probability that a same-person pair outscores a different-person pair (ties
@@ -367,11 +369,24 @@ def _describe(rgb: np.ndarray, verifiers, detector: str, upsample: int) -> tuple
     return faces, {v.name: v.describe(rgb, faces[0]) for v in verifiers}
 
 
+def _locate(rgb: np.ndarray, original_face, verifiers) -> dict[str, np.ndarray | None]:
+    """Each recogniser's vector for the face at the original photo's face box in ``rgb`` (68 landmarks predicted
+    inside that box in ``rgb``), for an attacker who knows where the face was."""
+    from anonymizer.faces import Face, landmarks_for_box
+
+    box = original_face.detector_box or original_face.box
+    face = Face(box=original_face.box, landmarks=landmarks_for_box(rgb, box), score=float("nan"), detector_box=box)
+    return {v.name: v.describe(rgb, face) for v in verifiers}
+
+
 def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, layout: str = "lfw",
            arcface: str | Path | None = None, margin: float = 0.2, detector: str = "hog", upsample: int = 1,
-           keepr: dict | None = None, device: str = "cpu", progress: bool = True,
+           keepr: dict | None = None, device: str = "cpu", progress: bool = True, locate: bool = False,
            anonymizer: Anonymizer | None = None, arcface_recognizer=None) -> VerificationResult:
     """Run the verification protocol (module docstring) and return its results; nothing is written.
+
+    ``locate``: when no face is found in an anonymized photo, describe it at the original photo's face box instead
+    (landmarks predicted inside that box), as an attacker who knows where the face was; counted as ``located``.
 
     ``anonymizer`` overrides the method's own (``rgb -> (rgb, info)``); ``arcface_recognizer`` gives an
     :class:`models.arcface.ArcFaceRecognizer` instead of a weights path (both for tests and callers that hold one).
@@ -407,7 +422,7 @@ def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, la
     firsts = sorted({paths[(p.name1, p.index1)] for p in pair_list})
     from tqdm.auto import tqdm
 
-    original_desc, anonymized_desc, anon_info = {}, {}, {}
+    original_desc, anonymized_desc, anon_info, located = {}, {}, {}, 0
     with tqdm(total=len(originals) + len(firsts), desc=f"verify {method}", unit="photo", disable=not progress,
               leave=False) as bar:
         faces_of = {}
@@ -423,7 +438,10 @@ def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, la
                 raise KeeprError(f"{path}: the {method} method returned a {out.dtype} {out.shape} image for a "
                                  f"{rgb.dtype} {rgb.shape} photo")
             anon_info[path] = info
-            _, anonymized_desc[path] = _describe(out, verifiers, detector, upsample)
+            found, anonymized_desc[path] = _describe(out, verifiers, detector, upsample)
+            if locate and not found and faces_of[path]:
+                anonymized_desc[path] = _locate(out, faces_of[path][0], verifiers)
+                located += 1
             bar.update()
 
     rows, scores = [], {v.name: {"anonymized": [], "reference": []} for v in verifiers}
@@ -452,6 +470,7 @@ def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, la
         "protocol": "verification", "method": method, "pairs_file": pairs_name, "root": str(root), "layout": layout,
         "anonymized_photos": len(firsts), "photos": len(originals),
         "anonymized_photos_without_face": int(sum(n == 0 for n in faces_anonymized)),
+        "located": located if locate else None,
         "detector": detector, "upsample": upsample, "margin": margin if method != "keepr" else None,
         "arcface": None if arcface is None else str(arcface),
         "rule": "accept when score >= t; TPR@x = max TPR over ROC points with FPR <= x (thresholds from the "
@@ -468,6 +487,8 @@ def markdown_table(results: dict) -> str:
     """The verification table in the papers' form: per recogniser, the reference row and the method's row."""
     proto = results.get("protocol", {})
     method = proto.get("method", "method")
+    if proto.get("located") is not None:
+        method += ", face box known"
     lines = ["| recogniser | first photo | AUC | TPR@FPR=1e-3 | TPR@FPR=1e-2 | pairs (same/diff) | no face |",
              "|---|---|---:|---:|---:|---:|---:|"]
     notes = []
@@ -491,7 +512,11 @@ def markdown_table(results: dict) -> str:
              f"(pairs: {proto.get('pairs_file', '?')}). Lower is better for privacy: TPR at a fixed FPR with "
              "thresholds from the different-person pairs' scores (no interpolation), ROC AUC; the reference rows "
              "are the un-anonymized pairs. No face: pairs where no face was found in a photo, scored as a "
-             "rejection at every threshold.\n")
+             "rejection at every threshold.")
+    if proto.get("located") is not None:
+        text += (f" Face box known (--locate): {proto['located']} anonymized photos where the detector found no "
+                 "face were described at the original face box.")
+    text += "\n"
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     return text
@@ -541,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--margin", type=float, default=0.2, help="pixel methods: face box growth per side")
     v.add_argument("--detector", default="hog", choices=["hog", "cnn"], help="dlib face detector")
     v.add_argument("--upsample", type=int, default=1, help="dlib detector upsampling steps")
+    v.add_argument("--locate", action="store_true",
+                   help="anonymized photos where no face is found are described at the original face box (an "
+                        "attacker who knows where the face was) instead of counting as no face")
     v.add_argument("--device", default="cpu", help="torch device for ArcFace and keepr")
     v.add_argument("--no_progress", action="store_true", help="no progress bar")
     g = v.add_argument_group("keepr method (infer.py options)")
@@ -576,7 +604,7 @@ def main(argv: Sequence[str] | None = None):
                                            "cosegmentation_config", "seed", "candidate") if getattr(args, k) is not None}
     result = verify(args.pairs, args.root, args.method, layout=args.layout, arcface=args.arcface, margin=args.margin,
                     detector=args.detector, upsample=args.upsample, keepr=keepr, device=args.device,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, locate=args.locate)
     print(result.table, end="")
     if args.out is not None:
         for f in write_outputs(result, args.out):

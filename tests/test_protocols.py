@@ -296,3 +296,23 @@ def test_missing_inputs_fail_before_work(small_pairs, gallery, tmp_path):
         P.verify(tmp_path / "nope.txt", gallery, "none")
     with pytest.raises(KeeprError, match="unknown method"):
         P.verify(small_pairs, gallery, "swirl", layout="london")
+
+
+def test_locate_describes_the_original_box(small_pairs, gallery, direct):
+    """--locate: a blurred photo without a detectable face is described at the original face box."""
+    from anonymizer.faces import Face, landmarks_for_box
+    from anonymizer.fallback import apply_region
+
+    result = P.verify(small_pairs, gallery, "blur", layout="london", progress=False, locate=True)
+    rec, images = direct
+    proto = result.results["protocol"]
+    assert proto["located"] == len(IDS) and result.results["dlib"]["no_face"] == 0  # dlib sees no blurred face
+    p = P.parse_pairs(small_pairs)[0]
+    rgb, faces, _ = images[P.photo_path(gallery, p.name1, p.index1, "london")]
+    blurred = apply_region(rgb, faces[0].box, "blur")
+    box = faces[0].detector_box
+    a = rec.descriptor(blurred, Face(box=faces[0].box, landmarks=landmarks_for_box(blurred, box), score=0.0,
+                                     detector_box=box))
+    b = images[P.photo_path(gallery, p.name2, p.index2, "london")][2]
+    assert result.rows[0]["dlib_anonymized"] == pytest.approx(-float(np.linalg.norm(a - b)), abs=1e-12)
+    assert "face box known" in result.table
