@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import math
 import re
@@ -67,7 +68,9 @@ TABLE_COLUMNS = [
     ("fid", "FID ↓", "{:.1f}"),
     ("kid", "KID ↓", "{:.4f}"),
     ("lpips", "LPIPS", "{:.3f}"),
+    ("arcface_similarity", "ArcFace sim ↓", "{:.3f}"),
 ]
+ARCFACE_UNAVAILABLE = "unavailable (no weights: pass --arcface model_ir_se50.pth)"
 
 
 @dataclass
@@ -82,6 +85,7 @@ class EvalSettings:
     lpips_weights: str | None = None  # torchvision AlexNet weights for LPIPS
     crop_size: int = 160  # face crop side for FID/KID/LPIPS
     keepr: dict = field(default_factory=dict)  # infer.py options (config, generator, seed, ...); also set the tracking
+    arcface: str | None = None  # model_ir_se50.pth: adds arcface_similarity (pSp's identity similarity)
     progress: bool = True
 
 
@@ -272,6 +276,7 @@ def evaluate_video(
     if settings.progress:
         it = tqdm(it, total=len(frames), desc=f"measure original {path.name}", leave=False, unit="frame")
     reference = [measurer.measure(f, b) if b is not None else M.FaceMeasurement.missing() for f, b in it]
+    arc_ref = _arcface_embeddings(settings.arcface, frames, reference) if settings.arcface else None
     scores: dict[str, ClipScore] = {}
     for name in settings.methods:
         try:
@@ -284,6 +289,8 @@ def evaluate_video(
                 anonymized = list(PixelMethod(name, margin=settings.margin)(frames, boxes))
             score = score_method(name, frames, anonymized, boxes, reference, measurer, settings, gallery,
                                  progress_desc=f"measure {name} {path.name}")
+            score.row["arcface_similarity"] = (ARCFACE_UNAVAILABLE if arc_ref is None else
+                                               arcface_similarity(settings.arcface, anonymized, reference, arc_ref))
         except KeeprError as exc:
             if failures is None:
                 raise
@@ -293,6 +300,28 @@ def evaluate_video(
         score.row = {"dataset": path.name, **score.row}
         scores[name] = score
     return scores
+
+
+@functools.lru_cache(maxsize=2)
+def _arcface(path: str):
+    from models.arcface import ArcFaceRecognizer
+
+    return ArcFaceRecognizer(path)
+
+
+def _arcface_embeddings(path: str, frames, reference: list[M.FaceMeasurement]) -> list:
+    """ArcFace embedding of each frame's face, aligned (FFHQ, pSp's crop) with the original frame's landmarks; None
+    where the original face was not detected."""
+    rec = _arcface(str(path))
+    return [rec.embed_face(f, r.landmarks) if r.detected else None for f, r in zip(frames, reference)]
+
+
+def arcface_similarity(path: str, anonymized, reference: list[M.FaceMeasurement], original_embeddings: list) -> float:
+    """Mean ArcFace cosine similarity between the original and the anonymized face over the frames where the original
+    face is detected, both aligned with the original's landmarks (pSp's identity similarity; lower leaks less)."""
+    anon = _arcface_embeddings(path, anonymized, reference)
+    sims = [float(np.dot(a, b)) for a, b in zip(original_embeddings, anon) if a is not None and b is not None]
+    return float(np.mean(sims)) if sims else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,7 +445,8 @@ def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos
         "anonymized face (frames where it finds the original); desc. FD: Frechet distance of dlib descriptor sets; lmk NME / yaw / pitch: landmark and "
         "head-pose error against the original (detected faces only); warp err: Farneback-flow warping error (grey "
         "levels); flicker+: face brightness change not in the original (grey levels/frame); id spread: std of the "
-        "per-frame identity distance.\n"
+        "per-frame identity distance; ArcFace sim: mean cosine similarity of ArcFace IR-SE-50 embeddings of the "
+        "original and the anonymized face, aligned alike (pSp's identity similarity).\n"
     )
     for n in sorted(notes):
         text += f"\n- {n}"
@@ -529,6 +559,8 @@ def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, 
         infer_settings = keepr_settings(settings.keepr)
         validate_settings(infer_settings)
         check_model_files(infer_settings.models)  # fail before any work when a model file is missing
+    if settings.arcface:
+        _arcface(str(settings.arcface))  # missing or unreadable weights: one-line error before any work
     measurer = M.FaceMeasurer(upsample=settings.upsample)
 
     described = describe_photos(photo_paths, measurer, settings.progress) if photo_paths else {}
@@ -590,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.2, help="pixel methods: face box growth per side")
     p.add_argument("--inception_weights", default=None, help="torchvision Inception-v3 weights (FID/KID)")
     p.add_argument("--lpips_weights", default=None, help="torchvision AlexNet weights (LPIPS)")
+    p.add_argument("--arcface", default=None,
+                   help="ArcFace IR-SE-50 model_ir_se50.pth (TreB1eN/InsightFace_Pytorch, as in pSp/e4e): adds "
+                        "arcface_similarity")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("keepr method (passed to anonymizer.pipeline)")
     g.add_argument("--config", default=None, help="infer config YAML (e.g. configs/infer/tiny.yaml)")
@@ -609,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
                                            "cosegmentation_config", "seed", "candidate") if getattr(args, k) is not None}
     settings = EvalSettings(
         methods=parse_methods(args.methods), max_frames=args.max_frames, upsample=args.upsample, margin=args.margin,
-        inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, keepr=keepr,
+        inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, keepr=keepr, arcface=args.arcface,
         progress=not args.no_progress,
     )
     result = evaluate(args.videos, args.photos, args.out, settings)

@@ -170,7 +170,7 @@ def test_psp_preprocessing_matches_its_description():
     crop = f[35:223, 32:220]
     m = _adaptive_avg_pool_matrix(188, 112)
     assert m[0, :2].tolist() == [0.5, 0.5] and m[1, 1:4].round(6).tolist() == [round(1 / 3, 6)] * 3
-    want = np.einsum("ih,hwc,jw->cij", m, crop, m)
+    want = np.einsum("ih,hwc,jw->cij", m, crop, m, optimize=True)
     assert np.abs(x[0].double().numpy() - want).max() < 1e-5
     # Float input already in [-1, 1] takes the same path.
     t = torch.from_numpy(f).permute(2, 0, 1)[None].float()
@@ -192,3 +192,31 @@ def test_recognizer_on_a_photo(narrow, fixtures_dir):
     assert rec.embed(crops).shape == (2, 32)
     with pytest.raises(KeeprError, match="weights path"):
         ArcFaceRecognizer()
+
+
+def test_eval_run_arcface_column(narrow, fixtures_dir, monkeypatch, tmp_path, capsys):
+    """eval.run --arcface: identity similarity of original and anonymized face, aligned alike; missing weights fail
+    at once with a one-line error."""
+    from anonymizer.fallback import apply_region
+    from anonymizer.faces import load_image
+    from eval import metrics as M
+    from eval import run as R
+
+    monkeypatch.setattr(R, "_arcface", lambda path: ArcFaceRecognizer(model=narrow))
+    frame = load_image(fixtures_dir.parents[1] / "data" / "gallery" / "london" / "002_neutral.jpg")
+    ref = M.FaceMeasurer().measure(frame, None)
+    assert ref.detected
+    frames, reference = [frame, frame], [ref, M.FaceMeasurement.missing()]
+    emb = R._arcface_embeddings("w.pth", frames, reference)
+    assert emb[1] is None and emb[0].shape == (32,)
+    assert R.arcface_similarity("w.pth", frames, reference, emb) == pytest.approx(1.0)
+    black = [apply_region(frame, ref.box, "blackbox")] * 2
+    assert R.arcface_similarity("w.pth", black, reference, emb) < 1.0 - 1e-4
+    assert R.ARCFACE_UNAVAILABLE.startswith("unavailable")
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        R.main(["--videos", str(fixtures_dir.parents[1] / "data" / "samples" / "lrwp9a.mpg"), "--methods", "none",
+                "--out", str(tmp_path / "out"), "--arcface", str(tmp_path / "model_ir_se50.pth"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_ir_se50.pth" in err and WHERE_TO_GET in err
+    assert not (tmp_path / "out").exists()
