@@ -1,12 +1,14 @@
-"""Anonymize a video: the target person's face is replaced by a virtual face in every frame.
+"""Anonymize a video: every chosen person's face is replaced by a virtual face in every frame.
 
     python infer.py --video IN --out OUT_DIR [--config configs/infer/default.yaml] [--candidate K] [--seed S]
-        [--swap_parts 1,2,5] [--face largest|INDEX|all] [--generator G] [--encoder E] [--cosegmentation C]
-        [--cosegmentation_config Y]
+        [--swap_parts 1,2,5] [--face all|largest|INDEX] [--fallback blur|mosaic|blackbox|none] [--strict]
+        [--generator G] [--encoder E] [--cosegmentation C] [--cosegmentation_config Y]
 
 Writes OUT_DIR/anonymized.mp4, candidates.png, latent.npy and report.json (see anonymizer/pipeline.py); every option
-of the config (``--detect.upsample``, ``--encode.crf``, ...) can be given on the command line and overrides it.
-``configs/infer/default.yaml`` is always read first; ``--config`` files and flags override it in order.
+of the config (``--detect.upsample``, ``--coverage.upsample``, ``--encode.crf``, ...) can be given on the command
+line and overrides it. ``configs/infer/default.yaml`` is always read first; ``--config`` files and flags override it
+in order. Exit status: 0 done, 1 error (nothing written), 2 ``--strict`` and a chosen face could not be covered or
+the input ended early (the output is written and marked incomplete in report.json).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from anonymizer.pipeline import (BlendSettings, CropSettings, DetectSettings, EncodeSettings, InferSettings,
-                                 ModelPaths, SwapSettings, TrackSettings, VirtualFaceSettings, anonymize_video)
+from anonymizer.pipeline import anonymize_video, summary_line
+from anonymizer.settings import (BlendSettings, CoverageSettings, CropSettings, DetectSettings, EncodeSettings,
+                                 InferSettings, ModelPaths, SwapSettings, TrackSettings, VirtualFaceSettings)
 from keepr.errors import KeeprError, cli_main
 
 ROOT = Path(__file__).resolve().parent
@@ -42,10 +45,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the candidates' latent noise")
     p.add_argument("--swap_parts", type=Union[str, list[int]], default="1,2,5",
                    help="co-part segments swapped in from the virtual face, e.g. 1,2,5")
-    p.add_argument("--face", type=str, default="largest",
-                   help="which face: 'largest', 'all' or a track index (tracks sorted by size x duration)")
+    p.add_argument("--face", type=str, default=InferSettings.face,
+                   help="whose face: 'all' (every person, the default), 'largest' or a person index (persons "
+                        "sorted by size x duration; the others are kept and listed in the report)")
+    p.add_argument("--fallback", type=str, default=InferSettings.fallback,
+                   help="blur|mosaic|blackbox|none: applied to faces of chosen persons the swap does not cover")
+    p.add_argument("--strict", type=bool, default=False,
+                   help="exit with status 2 when a chosen face is left uncovered or the input ends early")
     p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     p.add_class_arguments(DetectSettings, "detect")
+    p.add_class_arguments(CoverageSettings, "coverage")
     p.add_class_arguments(TrackSettings, "track")
     p.add_class_arguments(CropSettings, "crop")
     p.add_class_arguments(SwapSettings, "swap", skip={"parts"})
@@ -66,12 +75,13 @@ def parse_parts(parts) -> list[int]:
 
 def settings_from_args(cfg) -> InferSettings:
     d = cfg.as_dict()
-    groups = {k: d[k] for k in ("detect", "track", "crop", "swap", "blend", "virtual_face", "encode")}
+    groups = {k: d[k] for k in ("detect", "coverage", "track", "crop", "swap", "blend", "virtual_face", "encode")}
     groups["swap"]["parts"] = parse_parts(d["swap_parts"])
     groups["virtual_face"]["candidate"] = d["candidate"]
     return InferSettings.from_dict({
         "models": {k: d[k] for k in ("generator", "encoder", "cosegmentation", "cosegmentation_config")},
-        "face": str(d["face"]), "seed": d["seed"], "progress": d["progress"], **groups,
+        "face": str(d["face"]), "fallback": d["fallback"], "strict": d["strict"], "seed": d["seed"],
+        "progress": d["progress"], **groups,
     })
 
 
@@ -81,9 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parser.parse_args(argv)
     settings = settings_from_args(cfg)
     report = anonymize_video(cfg.video, cfg.out, settings, command=["infer.py", *(sys.argv[1:] if argv is None else argv)])
-    t = report["totals"]
-    print(f"wrote {Path(cfg.out) / 'anonymized.mp4'} ({t['frames']} frames, {t['frames_anonymized']} anonymized, "
-          f"{t['fps']} frames/s overall); report: {Path(cfg.out) / 'report.json'}")
+    print(summary_line(report, cfg.out))
+    if settings.strict and not report["complete"]:
+        print(f"error: --strict: {'; '.join(report['incomplete'])} (the output is written and marked incomplete in "
+              f"{Path(cfg.out) / 'report.json'})", file=sys.stderr)
+        raise SystemExit(2)
     return report
 
 

@@ -22,6 +22,7 @@ from keepr.errors import KeeprError
 from keepr.fileio import is_keepr_entry, lock_path, output_lock, remove_stale_temporaries, resolve_output
 
 DETECTORS = ("hog", "cnn")
+FALLBACKS = ("blur", "mosaic", "blackbox", "none")  # anonymizer.settings.FALLBACKS
 MASK_FROM = ("driving", "source")
 BLEND_MASKS = ("parts", "crop")
 # Style-layer groups of anonymizer.candidates.LAYER_GROUPS (named here so the check does not import torch; a test
@@ -128,9 +129,12 @@ def validate_settings(s) -> None:
     if isinstance(face, str) and face.strip().isdigit():
         face = int(face)
     if isinstance(face, bool) or not (face in ("largest", "all") or isinstance(face, int) and face >= 0):
-        p.append(f"face must be 'largest', 'all' or a track index >= 0, got {s.face!r}")
+        p.append(f"face must be 'all', 'largest' or a person index >= 0, got {s.face!r}")
     p.integer("seed", s.seed, 0, MAX_SEED)
     p.boolean("progress", s.progress)
+
+    p.choice("fallback", s.fallback, FALLBACKS)
+    p.boolean("strict", s.strict)
 
     # detect
     d = s.detect
@@ -141,11 +145,28 @@ def validate_settings(s) -> None:
         p.integer("detect.max_side", d.max_side, 64, what=" (or null for full size)")
     p.number("detect.min_size", d.min_size, 0)
 
+    # coverage
+    c = s.coverage
+    if c.detector is not None:
+        p.choice("coverage.detector", c.detector, DETECTORS)
+    if c.upsample is not None and p.integer("coverage.upsample", c.upsample, 0, MAX_UPSAMPLE, what=" (or null)") \
+            and isinstance(d.upsample, int) and c.upsample < d.upsample \
+            and (c.detector is None or c.detector == d.detector):
+        p.append(f"coverage.upsample ({c.upsample}) must be >= detect.upsample ({d.upsample}): the coverage pass must "
+                 "be at least as sensitive as the tracking pass")
+    p.boolean("coverage.extend_tracks", c.extend_tracks)
+    p.number("coverage.min_alpha", c.min_alpha, 0, 1, lo_open=True)
+    p.boolean("coverage.identity", c.identity)
+    p.integer("coverage.identity_every", c.identity_every, 1)
+    p.number("coverage.margin", c.margin, 0, 1)
+
     # track
     t = s.track
     p.number("track.iou_threshold", t.iou_threshold, 0, 1, lo_open=True)
     p.integer("track.max_age", t.max_age, 0)
     p.number("track.link_distance", t.link_distance, 0)
+    if t.link_identity is not None:
+        p.number("track.link_identity", t.link_identity, 0, 2, lo_open=True, what=" (or null: no identity linking)")
     p.integer("track.min_detections", t.min_detections, 1)
     if p.integer("track.max_gap", t.max_gap, 0) and every_ok and t.max_gap < d.every - 1:
         p.append(f"track.max_gap ({t.max_gap}) must be >= detect.every - 1 ({d.every - 1}) so that frames between "

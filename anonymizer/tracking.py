@@ -106,6 +106,11 @@ class Track:
             self.best_box = tuple(float(v) for v in box)
             self.best_image, self.best_offset = (None, (0, 0)) if image is None else _around(image, box)
 
+    def add_detection(self, index: int, box, score: float) -> None:
+        """Record a detection that does not compete for the best frame (e.g. one found by the coverage pass)."""
+        self.detections[index] = (tuple(float(v) for v in box), float(score))
+        self.last_index = max(self.last_index, index)
+
     def merge(self, other: "Track") -> None:
         """Absorb a later, non-overlapping track of the same face."""
         self.detections.update(other.detections)
@@ -201,7 +206,8 @@ class FaceTracker:
     max_age:       frames a track may go undetected and still be continued by an overlapping detection.
     link_distance: after tracking, a track that starts after another ended is merged into it when its first box
                    centre lies within ``link_distance`` x (box size) of the other's last box centre.
-    min_detections: tracks with fewer detected frames are dropped as false positives.
+    min_detections: tracks with fewer detected frames are dropped as false positives (at most the number of frames
+                   the detector ran on is asked for, so a face in a one-frame clip is kept).
     keep_images:   keep a copy of each track's best frame (needed to build the virtual face).
     """
 
@@ -213,7 +219,9 @@ class FaceTracker:
         self.min_detections = int(min_detections)
         self.keep_images = bool(keep_images)
         self.tracks: list[Track] = []
+        self.rejected: list[Track] = []  # tracks dropped by finish() as too short
         self.num_frames = 0
+        self.detection_frames = 0  # frames the detector ran on
 
     def update(self, index: int, faces: Sequence | None, image: np.ndarray | None = None) -> list[int]:
         """Feed frame ``index``'s detections (objects with ``box``, ``score``, ``landmarks``; None when detection
@@ -221,6 +229,7 @@ class FaceTracker:
         self.num_frames = max(self.num_frames, index + 1)
         if faces is None:
             return []
+        self.detection_frames += 1
         active = [t for t in self.tracks if index - t.last_index <= self.max_age and t.last_index < index]
         pairs = sorted(((iou(f.box, t.last_box), fi, ti) for fi, f in enumerate(faces) for ti, t in enumerate(active)),
                        reverse=True)
@@ -266,11 +275,59 @@ class FaceTracker:
                 target.merge(t)
             else:
                 merged.append(t)
-        kept = [t for t in merged if len(t.detections) >= self.min_detections]
+        # A track seen in every frame the detector ran on is no false positive, however short the clip (a
+        # one-frame clip has one detection).
+        need = max(1, min(self.min_detections, self.detection_frames))
+        kept = [t for t in merged if len(t.detections) >= need]
+        self.rejected = [t for t in merged if len(t.detections) < need]
         kept.sort(key=lambda t: (-t.prominence, t.first_index))
         for i, t in enumerate(kept):
             t.id = i
         return kept
+
+
+def extend_track(track: Track, faces: Sequence[Sequence[tuple]], claimed: set[tuple[int, int]],
+                 iou_threshold: float = 0.3, max_miss: int = 2) -> int:
+    """Let ``track`` reach back before its first and forward after its last detection over ``faces``.
+
+    ``faces[i]`` lists the boxes (x0, y0, x1, y1, ...) found in frame i by a detector at least as sensitive as the
+    tracker's (the coverage pass). Walking away from the track's end, a box overlapping the track's current end box
+    by ``iou_threshold`` joins the track; the walk stops after ``max_miss`` frames in a row without one. Boxes in
+    ``claimed`` ((frame, index) pairs) belong to another track and are skipped; the ones taken are added to it.
+    Returns the number of detections added.
+    """
+    added = 0
+    n = len(faces)
+    for step in (-1, 1):
+        if not track.detections:
+            return added
+        i = track.first_index if step < 0 else track.last_index
+        ref = track.detections[i][0]
+        miss = 0
+        i += step
+        while 0 <= i < n and miss <= max_miss:
+            if i in track.detections:
+                ref, miss = track.detections[i][0], 0
+                i += step
+                continue
+            best, best_k = iou_threshold, None
+            for k, f in enumerate(faces[i]):
+                if (i, k) in claimed:
+                    continue
+                v = iou(f[:4], ref)
+                if v >= best:
+                    best, best_k = v, k
+            if best_k is None:
+                miss += 1
+            else:
+                box = tuple(float(v) for v in faces[i][best_k][:4])
+                score = float(faces[i][best_k][4]) if len(faces[i][best_k]) > 4 else 0.0
+                track.add_detection(i, box, score)
+                claimed.add((i, best_k))
+                ref, miss = box, 0
+                added += 1
+            i += step
+    return added
 
 
 def select_tracks(tracks: Sequence[Track], which: str | int = "largest", source: str = "video") -> list[Track]:

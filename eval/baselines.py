@@ -57,14 +57,15 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 
 
 def keepr_settings(options: dict | None = None):
-    """``anonymizer.pipeline.InferSettings`` exactly as ``infer.py`` builds them from the same options.
+    """``anonymizer.pipeline.InferSettings`` exactly as ``infer.py`` builds them from the same options, except that
+    ``face`` defaults to ``largest``: every method of the evaluation anonymizes the same (largest) person.
 
     ``options`` maps infer.py flags without dashes to values, e.g. ``{"config": "configs/infer/tiny.yaml",
     "seed": 0}``; configs/infer/default.yaml is read first, as for infer.py.
     """
     from infer import build_parser, settings_from_args
 
-    argv = ["--video", "unused", "--out", "unused"]
+    argv = ["--video", "unused", "--out", "unused", "--face", "largest"]  # the evaluation follows one face a video
     for key, value in (options or {}).items():
         if value is not None:
             argv += [f"--{key}", str(value)]

@@ -40,7 +40,7 @@ def test_defaults_pass():
 
 @pytest.mark.parametrize("face", ["biggest", "-1", -2, True, 1.5])
 def test_face(face):
-    assert refused(settings(face=face)).startswith("face must be 'largest', 'all' or a track index >= 0")
+    assert refused(settings(face=face)).startswith("face must be 'all', 'largest' or a person index >= 0")
 
 
 def test_face_index_and_seed_and_progress():
@@ -170,11 +170,13 @@ def test_every_problem_in_one_line():
 def test_names_kept_in_step_with_the_modules():
     from anonymizer import checks
     from anonymizer.candidates import LAYER_GROUPS
+    from anonymizer.settings import FALLBACKS
     from anonymizer.video import AUDIO_MODES, X264_PRESETS
 
     assert tuple(LAYER_GROUPS) == checks.LAYER_GROUPS
     assert tuple(AUDIO_MODES) == checks.AUDIO_MODES
     assert tuple(X264_PRESETS) == checks.X264_PRESETS
+    assert tuple(FALLBACKS) == checks.FALLBACKS
 
 
 # ----------------------------------------------------------------------------------------------------------------

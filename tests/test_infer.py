@@ -88,7 +88,7 @@ def test_bad_video_files(kind, match, bad_args, tmp_path, media_dir, capsys):
 
 def test_candidate_out_of_range(bad_args, media_dir, capsys):
     out, args = bad_args(media_dir / "videos" / "bbaf2n.mpg", "--candidate", "9")
-    assert_clean_failure(capsys, out, args, "--candidate 9 out of range")
+    assert_clean_failure(capsys, out, args, "(--candidate) 9 out of range")
 
 
 def test_missing_weights_names_file_and_source(bad_args, media_dir, tmp_path, capsys):
@@ -133,24 +133,8 @@ def _run(cmd, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_models")
-    _run([PY, "scripts/make_tiny_models.py", "--out", str(d)])
-    _run([PY, "generate_pairs.py", "--config", "configs/pairs/tiny.yaml", "--generator",
-          str(d / "generator_tiny.safetensors"), "--out_dir", str(d / "pairs"), "--num_pairs", "32",
-          "--trainer.enable_progress_bar", "false"])
-    _run([PY, "train_encoder.py", "fit", "--config", "configs/encoder/tiny.yaml", "--data.root", str(d / "pairs"),
-          "--data.batch_size", "8", "--data.val_fraction", "0.25", "--trainer.max_epochs", "1",
-          "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(d),
-          "--trainer.enable_progress_bar", "false",
-          "--checkpoint.dirpath", str(d / "ckpt"), "--export.path", str(d / "encoder.safetensors")])
-    cfg = d / "infer.yaml"
-    cfg.write_text(
-        (ROOT / "configs" / "infer" / "tiny.yaml").read_text()
-        .replace("outputs/tiny/generator_tiny.safetensors", str(d / "generator_tiny.safetensors"))
-        .replace("outputs/encoder_tiny_demo/encoder.safetensors", str(d / "encoder.safetensors"))
-        .replace("outputs/tiny/cosegmentation_tiny.pth.tar", str(d / "cosegmentation_tiny.pth.tar")))
-    return {"dir": d, "config": cfg}
+def tiny(tiny_models):
+    return tiny_models
 
 
 def decoded(path):
@@ -186,7 +170,7 @@ def test_end_to_end_grid_clip(tiny, media_dir, tmp_path):
         assert rep["models"][key]["sha256"] == sha256_file(rep["models"][key]["path"])
     assert rep["output"]["sha256"] == sha256_file(out / "anonymized.mp4") and rep["output"]["num_frames"] == 75
     assert rep["output"]["audio"] == {"mode": "copy", "codec": "mp2"}
-    assert rep["settings"]["swap"]["parts"] == [1, 2, 5] and rep["settings"]["face"] == "largest"
+    assert rep["settings"]["swap"]["parts"] == [1, 2, 5] and rep["settings"]["face"] == "all"
     assert len(rep["frames"]) == 75 and [f["index"] for f in rep["frames"]] == list(range(75))
     for f in rep["frames"]:
         assert {"decode", "crop", "swap", "paste", "encode"} <= set(f["timing_ms"])
@@ -196,7 +180,8 @@ def test_end_to_end_grid_clip(tiny, media_dir, tmp_path):
     assert rep["totals"]["frames"] == 75 and rep["totals"]["frames_anonymized"] == 75
     assert rep["totals"]["frames_passed_through"] == [] and rep["totals"]["frames_face_lost"] == []
     assert {"decode", "detect", "track", "crop", "swap", "paste", "encode"} <= set(rep["totals"]["stages"])
-    vf = rep["tracks"]["anonymized"][0]["virtual_face"]
+    assert rep["complete"] and rep["coverage"]["left"] == 0 and rep["coverage"]["face_frames"] == 75
+    vf = rep["persons"]["anonymized"][0]["virtual_face"]
     assert len(vf["candidates"]) == 9 and 0 <= vf["chosen"] < 9
     latent = np.load(out / "latent.npy")
     assert latent.shape == (10, 64) and np.isfinite(latent).all()
@@ -224,7 +209,7 @@ def test_no_face_video_fails_cleanly(tiny, tmp_path, capsys):
                           "--progress", "false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: ") and "no face" in err[-1] and not out.exists()
-    assert "--detect.upsample (now 0)" in err[-1]  # The tiny config detects without upsampling: say what to change.
+    assert "use --detect.upsample" not in err[-1]  # no face of any size was seen: no advice about face size
 
 
 @pytest.mark.slow
@@ -248,8 +233,8 @@ def test_candidate_choice_and_all_faces(tiny, media_dir, tmp_path):
                           "--progress", "false"])
     assert code == 0
     rep = json.loads((out / "report.json").read_text())
-    tracks = rep["tracks"]["anonymized"]
-    assert len(tracks) >= 2 and rep["tracks"]["selected"] == [t["track"] for t in tracks]
+    tracks = rep["persons"]["anonymized"]
+    assert len(tracks) >= 2 and rep["persons"]["selected"] == [t["person"] for t in tracks]
     assert all(t["virtual_face"]["chosen"] == 3 for t in tracks)
     for t in tracks:
         for f in t["virtual_face"]["files"].values():
