@@ -7,7 +7,9 @@ Pairs (the validation split used in training, or ``--split all`` for a separatel
 cosine similarity of w and of its offset from w_avg, re-synthesis pixel MSE, and the latent MSE of the trivial
 ``w_avg`` predictor. Photos: each is aligned (FFHQ-style, to the generator's resolution), encoded and re-synthesised;
 the dlib identity distance between the photo's face and the re-synthesis is reported, or "no face" when dlib finds
-no face in the re-synthesis (no number is made up). Writes ``encoder_pairs.csv``, ``encoder_photos.csv``,
+no face in the re-synthesis (no number is made up). With ``--arcface model_ir_se50.pth`` the ArcFace IR-SE-50
+identity similarity of pSp's tables is reported too (cosine of the embeddings of the aligned photo and its
+re-synthesis, both at 256x256 with pSp's crop; "unavailable" without weights). Writes ``encoder_pairs.csv``, ``encoder_photos.csv``,
 ``encoder_eval.md`` and ``encoder_reconstructions.png`` (inputs next to reconstructions) into ``--out``.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from keepr.fileio import atomic_path, write_text_atomic  # noqa: E402
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "media" / "photos"
 DETECT_MIN_SIDE = 256  # Re-syntheses smaller than this are upscaled before dlib looks for a face.
+ARCFACE_UNAVAILABLE = "unavailable (no weights: pass --arcface model_ir_se50.pth)"
 
 
 def to_uint8_hwc(img: torch.Tensor) -> np.ndarray:
@@ -108,9 +111,25 @@ def list_photos(photos: str | Path) -> list[Path]:
     return sorted(p for p in photos.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
 
 
+def arcface_similarity(arcface, aligned: np.ndarray, resynth: np.ndarray) -> float:
+    """pSp's identity similarity: cosine of the ArcFace embeddings of an aligned photo and its re-synthesis, both
+    resized to 256x256 (area when shrinking, bicubic when enlarging) and cropped/pooled to 112x112 as pSp does."""
+    import cv2
+
+    def at256(img):
+        if img.shape[0] == 256:
+            return img
+        return cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA if img.shape[0] > 256 else cv2.INTER_CUBIC)
+
+    e = arcface.embed(np.stack([at256(aligned), at256(resynth)]))
+    return float(np.dot(e[0], e[1]))
+
+
 @torch.no_grad()
-def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = None, device: str = "cpu"):
-    """Per photo: align, encode, re-synthesise, dlib identity distance (None with a reason when not computable)."""
+def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = None, device: str = "cpu",
+                    arcface=None):
+    """Per photo: align, encode, re-synthesise, dlib identity distance (None with a reason when not computable) and,
+    with ``arcface`` (a :class:`models.arcface.ArcFaceRecognizer`), the ArcFace identity similarity."""
     from anonymizer.faces import align_face, detect_faces, load_image
     from anonymizer.identity import SAME_PERSON_THRESHOLD, descriptor_distance
 
@@ -118,7 +137,8 @@ def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = Non
     for path in photo_paths:
         name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else path.name
         row = {"photo": name, "face_in_photo": False, "face_in_resynthesis": False, "identity_distance": "",
-               "same_person": "", "note": ""}
+               "same_person": "", "arcface_similarity": "" if arcface is not None else ARCFACE_UNAVAILABLE,
+               "note": ""}
         rgb = load_image(path)
         faces = detect_faces(rgb)
         if not faces:
@@ -131,6 +151,8 @@ def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = Non
         ws = encoder(from_uint8_hwc(aligned).to(device))
         resynth = to_uint8_hwc(G.synthesis(ws, noise_mode="const")[0])
         examples.append((name, aligned, resynth))
+        if arcface is not None:  # needs no detection in the re-synthesis: both crops share the photo's alignment
+            row["arcface_similarity"] = f"{arcface_similarity(arcface, aligned, resynth):.4f}"
         ref = recognizer.descriptor(rgb, face)
         probe_img = resynth
         if resynth.shape[0] < DETECT_MIN_SIDE:
@@ -197,7 +219,8 @@ def write_report(out: Path, pair_metrics: dict | None, photo_rows: list[dict], e
         paths["pairs_csv"] = out / "encoder_pairs.csv"
         write_text_atomic(paths["pairs_csv"], _csv_text(rows, ["metric", "value"]))
         md += ["## Held-out pairs", "", _md_table(rows, ["metric", "value"]), ""]
-    fields = ["photo", "face_in_photo", "face_in_resynthesis", "identity_distance", "same_person", "note"]
+    fields = ["photo", "face_in_photo", "face_in_resynthesis", "identity_distance", "same_person",
+              "arcface_similarity", "note"]
     paths["photos_csv"] = out / "encoder_photos.csv"
     write_text_atomic(paths["photos_csv"], _csv_text(photo_rows, fields))
     dists = [float(r["identity_distance"]) for r in photo_rows if r["identity_distance"] != ""]
@@ -205,6 +228,12 @@ def write_report(out: Path, pair_metrics: dict | None, photo_rows: list[dict], e
            f"Re-syntheses with a face: {len(dists)} of {sum(bool(r['face_in_photo']) for r in photo_rows)} aligned photos"
            + (f"; mean distance {np.mean(dists):.4f}" if dists else "; no distance can be computed") + ".", "",
            _md_table(photo_rows, fields), ""]
+    sims = [float(r["arcface_similarity"]) for r in photo_rows
+            if r.get("arcface_similarity") not in ("", None, ARCFACE_UNAVAILABLE)]
+    md += ["ArcFace IR-SE-50 identity similarity (pSp's, higher keeps more identity): "
+           + (f"mean {np.mean(sims):.4f} over {len(sims)} photos." if sims else
+              ARCFACE_UNAVAILABLE if any(r.get("arcface_similarity") == ARCFACE_UNAVAILABLE for r in photo_rows)
+              else "no photo with a face."), ""]
     paths["figure"] = out / "encoder_reconstructions.png"
     figure(examples, paths["figure"])
     md += [f"![inputs and reconstructions]({paths['figure'].name})", ""]
@@ -226,6 +255,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory for the tables and the figure")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--arcface", default=None,
+                   help="ArcFace IR-SE-50 model_ir_se50.pth (TreB1eN/InsightFace_Pytorch, as in pSp/e4e): adds pSp's "
+                        "identity similarity")
     args = p.parse_args(argv)
 
     from anonymizer.identity import FaceRecognizer
@@ -233,6 +265,11 @@ def main(argv=None):
     from models.encoder import load_encoder, read_encoder_metadata
     from models.stylegan2 import load_generator
 
+    arcface = None
+    if args.arcface:  # missing or unreadable weights: one-line error before any work
+        from models.arcface import ArcFaceRecognizer
+
+        arcface = ArcFaceRecognizer(args.arcface, device=args.device)
     meta = read_encoder_metadata(args.encoder)
     generator = args.generator or meta["generator"]["path"]
     encoder = load_encoder(args.encoder, generator, device=args.device)
@@ -244,9 +281,10 @@ def main(argv=None):
                                                 args.batch_size, args.device, generator_sha256=sha256_file(generator))
     photos_root = Path(args.photos)
     photo_rows, photo_examples = evaluate_photos(encoder, G, list_photos(photos_root), FaceRecognizer(),
-                                                 root=photos_root if photos_root.is_dir() else None, device=args.device)
+                                                 root=photos_root if photos_root.is_dir() else None, device=args.device,
+                                                 arcface=arcface)
     info = {"encoder": args.encoder, "generator": generator, "pairs": args.pairs, "split": args.split,
-            "photos": args.photos}
+            "photos": args.photos, "arcface": args.arcface}
     paths = write_report(Path(args.out), pair_metrics, photo_rows, examples + photo_examples, info)
     if pair_metrics is not None:
         print("pairs: " + ", ".join(f"{k}={_fmt(v)}" for k, v in pair_metrics.items()))

@@ -220,3 +220,31 @@ def test_eval_run_arcface_column(narrow, fixtures_dir, monkeypatch, tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model_ir_se50.pth" in err and WHERE_TO_GET in err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_encoder_arcface(narrow, fixtures_dir, tmp_path, capsys):
+    """eval.encoder --arcface: pSp's identity similarity of an aligned photo and its re-synthesis (any resolution)."""
+    import cv2
+
+    from anonymizer.faces import align_face, detect_faces, load_image
+    from eval import encoder as E
+
+    rec = ArcFaceRecognizer(model=narrow)
+    rgb = load_image(fixtures_dir.parents[1] / "data" / "gallery" / "london" / "003_neutral.jpg")
+    aligned = align_face(rgb, detect_faces(rgb)[0].landmarks, 256).image
+    assert E.arcface_similarity(rec, aligned, aligned) == pytest.approx(1.0)
+    small = cv2.resize(aligned, (64, 64), interpolation=cv2.INTER_AREA)
+    sim = E.arcface_similarity(rec, small, small[::-1].copy())
+    assert -1.0 <= sim < 1.0
+    rows = [{"photo": "a.jpg", "face_in_photo": True, "identity_distance": "", "arcface_similarity": "0.5000"},
+            {"photo": "b.jpg", "face_in_photo": False, "identity_distance": "", "arcface_similarity": ""}]
+    paths = E.write_report(tmp_path / "rep", None, rows, [("a.jpg", aligned, aligned)], {})
+    assert "mean 0.5000 over 1 photos" in paths["markdown"].read_text()
+    rows[0]["arcface_similarity"] = E.ARCFACE_UNAVAILABLE
+    paths = E.write_report(tmp_path / "rep2", None, rows, [], {})
+    assert "unavailable (no weights: pass --arcface" in paths["markdown"].read_text()
+    with pytest.raises(SystemExit):
+        E.main(["--encoder", str(tmp_path / "enc.safetensors"), "--out", str(tmp_path / "out"),
+                "--arcface", str(tmp_path / "model_ir_se50.pth")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_ir_se50.pth" in err and not (tmp_path / "out").exists()
