@@ -9,8 +9,9 @@ cosine similarity of w and of its offset from w_avg, re-synthesis pixel MSE, and
 the dlib identity distance between the photo's face and the re-synthesis is reported, or "no face" when dlib finds
 no face in the re-synthesis (no number is made up). With ``--arcface model_ir_se50.pth`` the ArcFace IR-SE-50
 identity similarity of pSp's tables is reported too (cosine of the embeddings of the aligned photo and its
-re-synthesis, both at 256x256 with pSp's crop; "unavailable" without weights). Writes ``encoder_pairs.csv``, ``encoder_photos.csv``,
-``encoder_eval.md`` and ``encoder_reconstructions.png`` (inputs next to reconstructions) into ``--out``.
+re-synthesis, both at 256x256 with pSp's crop; "unavailable" without weights).
+Writes ``encoder_pairs.csv``, ``encoder_photos.csv``, ``encoder_eval.md`` and ``encoder_reconstructions.png``
+(inputs next to reconstructions) into ``--out``.
 """
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ def parse_pairs(source: str | Path, text: str | None = None) -> list[Pair]:
         except FileNotFoundError:
             raise KeeprError(f"{source}: pairs file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise KeeprError(f"{source}: cannot read the pairs file ({getattr(exc, 'strerror', None) or exc})") from None
+            cause = getattr(exc, "strerror", None) or exc
+            raise KeeprError(f"{source}: cannot read the pairs file ({cause})") from None
     lines = [(n, ln.split()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     expected = None
     if lines and len(lines[0][1]) in (1, 2) and all(_INT.match(t) for t in lines[0][1]):
@@ -589,8 +590,9 @@ def main(argv: Sequence[str] | None = None):
     if args.command == "london-pairs":
         from keepr.fileio import write_text_atomic
 
-        ids = sorted({m.group(1) for q in Path(args.root).glob("*_neutral.jpg")
-                      if (m := re.match(r"^(.+)_neutral$", q.stem)) and (q.parent / f"{m.group(1)}_smiling.jpg").is_file()})
+        root = Path(args.root)
+        ids = sorted(q.stem[:-len("_neutral")] for q in root.glob("*_neutral.jpg")
+                     if (root / (q.stem[:-len("_neutral")] + "_smiling.jpg")).is_file())
         pairs = london_pairs(ids, args.negatives_per_id)
         write_text_atomic(args.out, format_pairs(pairs))
         print(f"wrote {args.out}: {sum(p.same for p in pairs)} same-person and {sum(not p.same for p in pairs)} "
@@ -600,8 +602,8 @@ def main(argv: Sequence[str] | None = None):
         out = Path(args.out)  # a busy --out fails before the work, not after it
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise KeeprError(f"{out}: output exists and is not an empty directory; choose another --out or remove it")
-    keepr = {k: getattr(args, k) for k in ("config", "generator", "encoder", "cosegmentation",
-                                           "cosegmentation_config", "seed", "candidate") if getattr(args, k) is not None}
+    keepr = {k: getattr(args, k) for k in ("config", "generator", "encoder", "cosegmentation", "cosegmentation_config",
+                                           "seed", "candidate") if getattr(args, k) is not None}
     result = verify(args.pairs, args.root, args.method, layout=args.layout, arcface=args.arcface, margin=args.margin,
                     detector=args.detector, upsample=args.upsample, keepr=keepr, device=args.device,
                     progress=not args.no_progress, locate=args.locate)
