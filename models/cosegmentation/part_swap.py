@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keepr.precision import active_dtype, autocast, check_precision
+
 from .modules import FoldedReconstruction, ReconstructionModule, SegmentationModule
 
 MASK_SOURCES = ("driving", "source")
@@ -38,13 +40,32 @@ def no_tf32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current value for caches. Inference tensors (made under torch.inference_mode) have no
+    version counter: their key is where they live; CoPartModel.load_state_dict drops the caches explicitly."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return (t.data_ptr(), version)
+
+
 @dataclass
 class SourceCache:
     """Everything part swap needs from the source image, computed once."""
     image: torch.Tensor         # [1,3,H,W]
-    features: torch.Tensor      # [1,C,h,w] reconstruction-module encoding
-    seg: dict                   # segmentation-module outputs, batch 1
+    features: torch.Tensor      # [1,C,h,w] reconstruction-module encoding, in the compute dtype it was made in
+    seg: dict                   # segmentation-module outputs, batch 1 (fp32)
     parts: torch.Tensor         # [1,1,hs,ws] sum of part channels 1..K (for the visibility map)
+
+    def features_as(self, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+        """The features in ``dtype`` / ``memory_format`` (converted once and kept, so a swap at another precision
+        than the preparation does not convert them again for every batch)."""
+        f = self.features
+        if f.dtype != dtype or not f.is_contiguous(memory_format=memory_format):
+            f = f.to(dtype).contiguous(memory_format=memory_format)
+            self.features = f
+        return f
 
 
 class CoPartModel(nn.Module):
@@ -64,8 +85,21 @@ class CoPartModel(nn.Module):
         self.reconstruction_module = ReconstructionModule(**model_params["reconstruction_module_params"], **common)
         self.batch_invariant = True  # See segment().
         self.fold_generator = True   # Run encode/decode through FoldedReconstruction (see generator()).
-        self._folded = None
+        self.channels_last = None    # Reconstruction activations NHWC: None = auto (CPU, or reduced precision).
+        self._folded = {}
         self.eval()
+
+    def load_state_dict(self, *args, **kwargs):
+        self._folded = {}  # Inference tensors have no version counter: drop the folded forms explicitly.
+        return super().load_state_dict(*args, **kwargs)
+
+    def memory_format(self, dtype: torch.dtype = torch.float32) -> torch.memory_format:
+        """Activation layout of the reconstruction path: channels_last on CPU (oneDNN's fast layout, 1.2x in fp32,
+        what makes bf16 pay) and for reduced precision on GPUs; NCHW for fp32 on GPUs."""
+        cl = self.channels_last
+        if cl is None:
+            cl = self.device.type == "cpu" or dtype != torch.float32
+        return torch.channels_last if cl else torch.contiguous_format
 
     @property
     def device(self) -> torch.device:
@@ -86,17 +120,31 @@ class CoPartModel(nn.Module):
         outs = [self.segmentation_module(x[i:i + 1]) for i in range(x.shape[0])]
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
-    def generator(self):
+    def generator(self, dtype: torch.dtype | None = None):
         """Module used for encode/decode: the reconstruction module itself, or (``fold_generator``) its folded
-        inference form, rebuilt whenever a weight, the device or the dtype changed."""
+        inference form computing in ``dtype`` (default: the weights' dtype), rebuilt whenever a weight, the device
+        or the dtype changed."""
         rec = self.reconstruction_module
         if not self.fold_generator:
             return rec
         tensors = list(rec.state_dict().values())
-        key = (tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors), tensors[0].device)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, FoldedReconstruction(rec))
-        return self._folded[1]
+        dtype = tensors[0].dtype if dtype is None else dtype
+        fmt = self.memory_format(dtype)
+        key = (tuple(_tensor_key(t) for t in tensors), tensors[0].device)
+        slot = self._folded.get((dtype, fmt))
+        if slot is None or slot[0] != key:
+            if slot is not None or len(self._folded) > 2:
+                self._folded = {k: v for k, v in self._folded.items() if v[0] == key}
+            slot = (key, FoldedReconstruction(rec, dtype=dtype, memory_format=fmt))
+            self._folded[(dtype, fmt)] = slot
+        return slot[1]
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The reconstruction path's dtype: autocast's when it is on for this device (see keepr.precision), else
+        fp32. Segmentation, motion and warps always run in fp32 (they steer the warp; 3% of the FLOPs)."""
+        if not self.fold_generator:
+            return torch.float32
+        return active_dtype(self.device.type)
 
     @torch.no_grad()
     def prepare_source(self, source: torch.Tensor) -> SourceCache:
@@ -104,9 +152,10 @@ class CoPartModel(nn.Module):
         if source.ndim != 4 or source.shape[0] != 1 or source.shape[1] != 3:
             raise ValueError(f"source: expected [1,3,H,W], got {list(source.shape)}")
         source = source.to(self.device, torch.float32)
-        with no_tf32(source.device):
+        dt = self._compute_dtype()
+        with no_tf32(source.device), torch.autocast(source.device.type, enabled=False):
             seg = self.segment(source)
-            feats = self.generator().encode(source)
+            feats = self.generator(dt).encode(source)
         parts = seg["segmentation"][:, 1:].sum(dim=1, keepdim=True)
         return SourceCache(image=source, features=feats, seg=seg, parts=parts)
 
@@ -133,12 +182,18 @@ class CoPartModel(nn.Module):
                              f"got {list(driving.shape)}")
         rec = self.reconstruction_module
         driving = driving.to(self.device, torch.float32)
-        with no_tf32(driving.device):
+        dt = self._compute_dtype()
+        with no_tf32(driving.device), torch.autocast(driving.device.type, enabled=False):
             seg_d = self.segment(driving)
-            gen = self.generator()
+            gen = self.generator(dt)
             enc_d = gen.encode(driving)
             deformation = rec.deformation(seg_d, cache.seg)                        # [B,hs,ws,2]
-            warped = rec.deform_input(cache.features, deformation, align_corners)  # [B,C,h,w]
+            src = cache.features_as(enc_d.dtype, self.memory_format(dt))
+            if src.dtype != torch.float32:
+                # grid_sample needs grid and input in one dtype; a bf16 grid would put the sampling points up to
+                # 1/4 pixel off at 64x64, so the warp reads the (small, batch-1) source features in fp32.
+                src = src.float()
+            warped = rec.deform_input(src, deformation, align_corners)            # [B,C,h,w]
 
             visibility = None
             if rec.estimate_visibility:
@@ -157,8 +212,12 @@ class CoPartModel(nn.Module):
             elif blend.shape[2:] != warped.shape[2:]:
                 raise ValueError("blend mask and features differ in size; only blend_scale=1 configs are supported")
 
-            feats = enc_d * (1 - blend) + warped * blend
-            prediction = gen.decode(feats)
+            if enc_d.dtype != torch.float32:
+                blend_dt, warped = blend.to(enc_d.dtype), warped.to(enc_d.dtype)
+                feats = torch.addcmul(enc_d * (1 - blend_dt), warped, blend_dt)
+            else:
+                feats = enc_d * (1 - blend) + warped * blend
+            prediction = gen.decode(feats).float()
         return {"prediction": prediction, "seg": seg_d, "deformation": deformation, "visibility": visibility,
                 "blend_mask": blend}
 
@@ -166,11 +225,13 @@ class CoPartModel(nn.Module):
 
     @torch.no_grad()
     def part_swap(self, source: torch.Tensor, driving: torch.Tensor, swap_index: Sequence[int], hard: bool = False,
-                  mask_from: str = "driving", align_corners: bool = True, batch_size: int = 8) -> torch.Tensor:
+                  mask_from: str = "driving", align_corners: bool = True, batch_size: int = 8,
+                  precision=None) -> torch.Tensor:
         """Swap the ``swap_index`` parts of ``source`` [1,3,H,W] into every frame of ``driving`` [T,3,H,W] (floats in
-        [0,1]); returns [T,3,H,W]. ``align_corners=True`` is canonical (the authors' torch 1.0 behaviour)."""
+        [0,1]); returns [T,3,H,W] fp32. ``align_corners=True`` is canonical (the authors' torch 1.0 behaviour).
+        ``precision``: '32', 'bf16', '16' (see keepr.precision), None = the caller's autocast (fp32 without)."""
         return PartSwapper(self, source, swap_index, hard=hard, mask_from=mask_from, align_corners=align_corners,
-                           batch_size=batch_size)(driving)
+                           batch_size=batch_size, precision=precision)(driving)
 
     def save(self, path) -> None:
         """Write a checkpoint in the authors' logger layout (plain tensors; loadable with weights_only=True)."""
@@ -189,7 +250,8 @@ class PartSwapper:
     ``swapper(driving, return_mask=True)`` -> (frames, blend mask [T,1,H,W] bilinearly resized to the image size)."""
 
     def __init__(self, model: CoPartModel, source: torch.Tensor, swap_index: Sequence[int], hard: bool = False,
-                 mask_from: str = "driving", align_corners: bool = True, batch_size: int = 8):
+                 mask_from: str = "driving", align_corners: bool = True, batch_size: int = 8,
+                 precision=None):
         if mask_from not in MASK_SOURCES:
             raise ValueError(f"mask_from must be one of {MASK_SOURCES}, got {mask_from!r}")
         if batch_size < 1:
@@ -200,7 +262,13 @@ class PartSwapper:
         self.mask_from = mask_from
         self.align_corners = bool(align_corners)
         self.batch_size = int(batch_size)
-        self.cache = model.prepare_source(source)
+        # precision None: follow the caller's autocast (keepr.precision.autocast), else run at this one.
+        self.precision = None if precision is None else check_precision(precision, model.device)
+        with self._precision():
+            self.cache = model.prepare_source(source)
+
+    def _precision(self):
+        return contextlib.nullcontext() if self.precision is None else autocast(self.model.device, self.precision)
 
     @torch.no_grad()
     def __call__(self, driving: torch.Tensor, return_mask: bool = False):
@@ -209,8 +277,10 @@ class PartSwapper:
         out_device = driving.device
         frames, masks = [], []
         for start in range(0, driving.shape[0], self.batch_size):
-            res = self.model.swap_batch(self.cache, driving[start:start + self.batch_size], self.swap_index,
-                                        hard=self.hard, mask_from=self.mask_from, align_corners=self.align_corners)
+            with self._precision():
+                res = self.model.swap_batch(self.cache, driving[start:start + self.batch_size], self.swap_index,
+                                            hard=self.hard, mask_from=self.mask_from,
+                                            align_corners=self.align_corners)
             frames.append(res["prediction"].to(out_device))
             if return_mask:
                 m = F.interpolate(res["blend_mask"], size=driving.shape[2:], mode="bilinear", align_corners=False)
