@@ -6,15 +6,18 @@ Three public steps, called in this order by ``infer.py``, ``eval`` and the web p
    tracks linked into persons.
 2. :func:`virtual_faces`: one virtual face per chosen person from their best frame (:mod:`anonymizer.virtual_face`:
    candidates, identity guard, skin match).
-3. :func:`anonymizer.render.render` (pass 2): part swap, paste back, coverage check and fallback, encoding.
+3. :func:`render_video` (pass 2, :func:`anonymizer.render.render`): part swap, paste back, coverage check and
+   fallback, encoding, report.
 
-:func:`anonymize_video` runs all three with every check done before the work starts (settings, output directory and
-its lock, input video, encoder settings, the plan for the input's other streams, model files), and writes
+:func:`check_input` makes every check that can be made before the work (settings, input video, encoder settings,
+the plan for the input's other streams, model files). :func:`anonymize_video` runs it all, the output directory
+checked and locked first, and writes
 ``anonymized.mp4``, the candidate grids, latents and ``report.json`` into a temporary directory renamed into place
 when complete (``keepr.fileio.atomic_dir``): on failure nothing appears at ``out_dir``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -39,8 +42,8 @@ from anonymizer.video import VideoReader, VideoWriter, check_encode_settings, pl
 from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import atomic_dir, sha256_file
 
-__all__ = ["InferSettings", "Models", "load_models", "check_model_files", "track_faces", "virtual_faces", "render",
-           "anonymize_video", "Cancelled", "Scan"]
+__all__ = ["InferSettings", "Models", "load_models", "check_model_files", "check_input", "track_faces",
+           "virtual_faces", "render_video", "anonymize_video", "Cancelled", "Scan"]
 
 
 def weight_sources() -> dict[str, tuple[str, str]]:
@@ -97,10 +100,12 @@ def check_parts(parts, coseg) -> None:
 
 
 def virtual_faces(persons: list[Person], models: Models, settings: InferSettings,
-                  watch: Stopwatch | None = None) -> dict[int, object]:
+                  watch: Stopwatch | None = None, seeds: dict[int, int] | None = None,
+                  candidates: dict[int, int] | None = None) -> dict[int, object]:
     """One :class:`anonymizer.virtual_face.VirtualFace` per person (keyed by person id), from their best frame.
 
-    Person k's candidates use seed ``settings.seed + k``, so the same person gets the same faces in every run.
+    Person k's candidates use seed ``settings.seed + k`` (or ``seeds[k]``), so the same person gets the same faces
+    in every run; ``candidates[k]`` picks person k's candidate (default ``settings.virtual_face.candidate``).
     A person whose virtual face cannot be made (e.g. the identity guard finds no face in a tiny aligned crop, or
     every candidate stays a look-alike) maps to the one-line reason instead, a string: their faces get the fallback.
     """
@@ -111,9 +116,13 @@ def virtual_faces(persons: list[Person], models: Models, settings: InferSettings
         t0 = time.perf_counter()
         tr = p.best
         ox, oy = tr.best_offset
+        vs = settings.virtual_face
+        if candidates and p.id in candidates:
+            vs = dataclasses.replace(vs, candidate=candidates[p.id])
+        seed = seeds[p.id] if seeds and p.id in seeds else settings.seed + p.id
         try:
-            out[p.id] = build_virtual_face(models, tr.best_image, tr.best_landmarks - np.array([ox, oy]),
-                                           settings.virtual_face, seed=settings.seed + p.id)
+            out[p.id] = build_virtual_face(models, tr.best_image, tr.best_landmarks - np.array([ox, oy]), vs,
+                                           seed=seed)
         except KeeprError as exc:
             out[p.id] = " ".join(str(exc).split())
         if watch is not None:
@@ -162,85 +171,84 @@ def warn(message: str) -> None:
     print(f"warning: {' '.join(message.split())}", file=sys.stderr)
 
 
-def anonymize_video(video: str | os.PathLike, out_dir: str | os.PathLike, settings: InferSettings,
-                    command: list[str] | None = None, progress: Progress | None = None,
-                    cancel: Callable[[], bool] | None = None, models: Models | None = None) -> dict:
-    """Anonymize ``video`` into ``out_dir`` (anonymized.mp4, candidates*.png, latent*.npy, report.json).
+@dataclass
+class CheckedInput:
+    """An input video and settings that passed every check that can be made before the work."""
 
-    Returns the report. ``report["complete"]`` is False when a chosen face was left uncovered or the input ended
-    early (with ``settings.strict`` the caller must then fail; ``infer.py`` exits with status 2, the output stays).
-    Raises KeeprError (nothing written at ``out_dir``) on bad input, missing weights, no face...
-    ``models`` skips loading (the web page keeps them loaded); ``progress(stage, done, total)`` and ``cancel()``
-    serve progress bars and cancelling.
-    """
-    t_start = time.perf_counter()
+    video: Path
+    reader: VideoReader
+    plan: object  # anonymizer.streams.StreamPlan
+    model_files: dict
+    settings: InferSettings
+
+
+def check_input(video: str | os.PathLike, settings: InferSettings) -> CheckedInput:
+    """Settings, input video, encoder settings, the plan for the input's other streams and the model files, checked
+    before any work (KeeprError naming the cause); stream warnings are printed."""
     s = settings
     validate_settings(s)
     video = Path(video)
-    with prepared_output(out_dir) as out:
-        if out.removed:
-            warn(f"removed {len(out.removed)} temporary output(s) of a killed run: "
-                 + ", ".join(str(p) for p in out.removed))
-        reader = VideoReader(video)  # validates the input (missing, empty, corrupt, image, text...)
-        check_encode_settings(reader.width, reader.height, reader.fps, crf=s.encode.crf, preset=s.encode.preset)
-        plan = plan_streams(reader, s.encode.audio)
-        for w in plan.warnings:
-            warn(w)
-        model_files = check_model_files(s.models)
-        which = parse_face(s.face)
-        watch = Stopwatch()
-        if progress is None:
-            progress = tqdm_progress(s.progress)
+    reader = VideoReader(video)  # validates the input (missing, empty, corrupt, image, text...)
+    check_encode_settings(reader.width, reader.height, reader.fps, crf=s.encode.crf, preset=s.encode.preset)
+    plan = plan_streams(reader, s.encode.audio)
+    for w in plan.warnings:
+        warn(w)
+    return CheckedInput(video, reader, plan, check_model_files(s.models), s)
 
-        t0 = time.perf_counter()
-        if models is None:
-            models = load_models(s.models, s.swap.device)
-        watch.add("load_models", time.perf_counter() - t0, 0)
-        check_parts(s.swap.parts, models.coseg)
-        img_size = int(models.coseg.img_size)
 
-        scan = track_faces(reader, s, models.recognizer, progress=progress, cancel=cancel, watch=watch)
-        truncated = [reader.truncation_message()] if scan.truncation else []
-        if truncated:
+def render_video(checked: CheckedInput, out_dir: str | os.PathLike, scan: Scan, selected: list[Person],
+                 vfs: dict[int, object], models: Models, every_person: bool, command: list[str] | None = None,
+                 progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+                 watch: Stopwatch | None = None, out=None, t_start: float | None = None) -> dict:
+    """Pass 2 and the report: ``selected`` persons swapped with their virtual faces ``vfs`` (a string instead of a
+    face: the reason none could be made; such a person gets the fallback), every face checked for coverage.
+
+    ``every_person``: faces of nobody's track are anonymized too (``--face all``). ``out``: an output already
+    prepared with :func:`anonymizer.checks.prepared_output` (else it is prepared here). Returns the report.
+    """
+    s = checked.settings
+    t_start = time.perf_counter() if t_start is None else t_start
+    watch = watch or Stopwatch()
+    if out is None:
+        with prepared_output(out_dir) as prepared:
+            return render_video(checked, out_dir, scan, selected, vfs, models, every_person, command, progress,
+                                cancel, watch, prepared, t_start)
+    reader = checked.reader
+    check_parts(s.swap.parts, models.coseg)
+    img_size = int(models.coseg.img_size)
+    chosen = {p.id for p in selected}
+    truncated = [reader.truncation_message()] if scan.truncation else []
+    tb_out, pts_out = plan_timestamps([t for t, _ in scan.stamps], reader.fps, reader.time_base,
+                                      [p for _, p in scan.stamps], reader.start_time)
+    with atomic_dir(out.target) as tmp:
+        failed = {pid: v for pid, v in vfs.items() if isinstance(v, str) and pid in chosen}
+        for pid, why in failed.items():
+            warn(f"person {pid}: no virtual face ({why}); their faces get the fallback ({s.fallback})")
+        targets = [make_target(p, vfs[p.id], models, s, scan.num_frames) for p in selected if p.id not in failed]
+        swapped = {t.person.id for t in targets}
+        others = {p.id: p.timeline(scan.num_frames, s.track.max_gap, s.track.hold, s.track.smooth_radius)
+                  for p in scan.persons if p.id not in swapped}
+        ctx = CoverFrame(chosen=chosen, every_person=every_person,
+                         descriptors={p.id: p.descriptor for p in scan.persons if p.descriptor is not None},
+                         fallback=s.fallback, min_alpha=s.coverage.min_alpha, margin=s.coverage.margin,
+                         identity=s.coverage.identity, recognizer=models.recognizer,
+                         threshold=s.virtual_face.guard_threshold or 0.6, failed=failed)
+        tally = CoverageTally(scan.persons, chosen, scan.detector["coverage"], ctx)
+        out_video = tmp / "anonymized.mp4"
+        with VideoWriter(out_video, reader.width, reader.height, reader.fps, time_base=tb_out,
+                         start_time=reader.start_time, crf=s.encode.crf, preset=s.encode.preset,
+                         plan=checked.plan) as writer:
+            render(reader, writer, scan, targets, others, pts_out, s, img_size, ctx, tally, watch=watch,
+                   progress=progress, cancel=cancel)
+        if reader.truncation and not truncated:
+            truncated = [reader.truncation_message()]
             warn(truncated[0])
-        if not scan.persons:
-            raise KeeprError(no_face_message(scan, s))
-        selected = select_persons(scan.persons, which, source=str(video))
-        chosen = {p.id for p in selected}
-        tb_out, pts_out = plan_timestamps([t for t, _ in scan.stamps], reader.fps, reader.time_base,
-                                          [p for _, p in scan.stamps], reader.start_time)
-
-        with atomic_dir(out.target) as tmp:
-            vfs = virtual_faces(selected, models, s, watch)
-            failed = {pid: v for pid, v in vfs.items() if isinstance(v, str)}
-            for pid, why in failed.items():
-                warn(f"person {pid}: no virtual face ({why}); their faces get the fallback ({s.fallback})")
-            targets = [make_target(p, vfs[p.id], models, s, scan.num_frames) for p in selected
-                       if p.id not in failed]
-            swapped = {t.person.id for t in targets}
-            others = {p.id: p.timeline(scan.num_frames, s.track.max_gap, s.track.hold, s.track.smooth_radius)
-                      for p in scan.persons if p.id not in swapped}
-            ctx = CoverFrame(chosen=chosen, every_person=which == "all",
-                             descriptors={p.id: p.descriptor for p in scan.persons if p.descriptor is not None},
-                             fallback=s.fallback, min_alpha=s.coverage.min_alpha, margin=s.coverage.margin,
-                             identity=s.coverage.identity, recognizer=models.recognizer,
-                             threshold=s.virtual_face.guard_threshold or 0.6, failed=failed)
-            tally = CoverageTally(scan.persons, chosen, scan.detector["coverage"], ctx)
-            out_video = tmp / "anonymized.mp4"
-            with VideoWriter(out_video, reader.width, reader.height, reader.fps, time_base=tb_out,
-                             start_time=reader.start_time, crf=s.encode.crf, preset=s.encode.preset,
-                             plan=plan) as writer:
-                render(reader, writer, scan, targets, others, pts_out, s, img_size, ctx, tally, watch=watch,
-                       progress=progress, cancel=cancel)
-            if reader.truncation and not truncated:
-                truncated = [reader.truncation_message()]
-                warn(truncated[0])
-            report = build_report(
-                video=video, out_dir=out_dir, settings=s, command=command, reader=reader, plan=plan, writer=writer,
-                model_files=model_files, models=models, scan=scan, selected=selected, targets=targets,
-                tally=tally, watch=watch, out_video=out_video, tmp=tmp, truncated=truncated, failed=failed,
-                seconds=time.perf_counter() - t_start)
-            write_report(tmp / "report.json", report)
+        report = build_report(
+            video=checked.video, out_dir=out_dir, settings=s, command=command, reader=reader, plan=checked.plan,
+            writer=writer, model_files=checked.model_files, models=models, scan=scan, selected=selected,
+            targets=targets, tally=tally, watch=watch, out_video=out_video, tmp=tmp, truncated=truncated,
+            failed=failed, seconds=time.perf_counter() - t_start)
+        write_report(tmp / "report.json", report)
 
     cov = report["coverage"]
     if cov["left"]:
@@ -254,6 +262,48 @@ def anonymize_video(video: str | os.PathLike, out_dir: str | os.PathLike, settin
         warn(f"a chosen person was not tracked in {len(lost)} frame(s) inside their span (report.json: "
              "totals.frames_face_lost); the coverage pass handled the faces it found there")
     return report
+
+
+def anonymize_video(video: str | os.PathLike, out_dir: str | os.PathLike, settings: InferSettings,
+                    command: list[str] | None = None, progress: Progress | None = None,
+                    cancel: Callable[[], bool] | None = None, models: Models | None = None) -> dict:
+    """Anonymize ``video`` into ``out_dir`` (anonymized.mp4, candidates*.png, latent*.npy, report.json).
+
+    The three steps in one call: :func:`check_input`, :func:`anonymizer.scan.track_faces`, :func:`virtual_faces`
+    for the persons ``settings.face`` chooses, :func:`render_video`. Returns the report; ``report["complete"]`` is
+    False when a chosen face was left uncovered or the input ended early (with ``settings.strict`` the caller must
+    then fail: ``infer.py`` exits with status 2, the output stays). Raises KeeprError (nothing written at
+    ``out_dir``) on bad input, missing weights, no face... ``models`` skips loading (a server keeps them loaded);
+    ``progress(stage, done, total)`` and ``cancel()`` serve progress bars and cancelling.
+    """
+    t_start = time.perf_counter()
+    s = settings
+    validate_settings(s)
+    with prepared_output(out_dir) as out:  # the lock first: a second run into the same place fails at once
+        if out.removed:
+            warn(f"removed {len(out.removed)} temporary output(s) of a killed run: "
+                 + ", ".join(str(p) for p in out.removed))
+        checked = check_input(video, s)
+        which = parse_face(s.face)
+        watch = Stopwatch()
+        if progress is None:
+            progress = tqdm_progress(s.progress)
+        t0 = time.perf_counter()
+        if models is None:
+            models = load_models(s.models, s.swap.device)
+        watch.add("load_models", time.perf_counter() - t0, 0)
+        check_parts(s.swap.parts, models.coseg)
+
+        scan = track_faces(checked.reader, s, models.recognizer, progress=progress, cancel=cancel, watch=watch)
+        if scan.truncation:
+            warn(checked.reader.truncation_message())
+        if not scan.persons:
+            raise KeeprError(no_face_message(scan, s))
+        selected = select_persons(scan.persons, which, source=str(checked.video))
+        vfs = virtual_faces(selected, models, s, watch)
+        return render_video(checked, out_dir, scan, selected, vfs, models, every_person=which == "all",
+                            command=command, progress=progress, cancel=cancel, watch=watch, out=out,
+                            t_start=t_start)
 
 
 def summary_line(report: dict, out_dir: str | os.PathLike) -> str:

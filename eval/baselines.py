@@ -101,7 +101,7 @@ def track_target(
         tracker.update(i, faces)
     which = parse_face(s.face)
     if which == "all":
-        raise KeeprError("evaluation follows one face per video: use face 'largest' or a track index")
+        which = "largest"  # the evaluation follows one face a video: the largest
     track = select_tracks(tracker.finish(), which, source="video")[0]
     return [None if tb.box is None else tuple(float(v) for v in tb.box)
             for tb in track.timeline(len(frames), t.max_gap, t.hold, t.smooth_radius)]
