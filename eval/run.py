@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from anonymizer.fallback import expand_box
+from eval import coverage as C
 from eval import metrics as M
 from eval import temporal as T
 from eval.backbones import ImageQuality
@@ -48,10 +49,11 @@ PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LONDON_NAME = re.compile(r"^(\d+)_(neutral|smiling)$")
 NUMBERED_NAME = re.compile(r"^([A-Za-z][A-Za-z_-]*?)[_-]?\d+$")
 
-COUNT_COLUMNS = ("frames_described", "pose_frames")  # summed, not averaged, over videos
+COUNT_COLUMNS = ("frames_described", "pose_frames", "faces_seen", "faces_left")  # summed, not averaged, over videos
 # Columns of results.md: (key in the result row, header, format).
 TABLE_COLUMNS = [
     ("frames", "frames", "{:d}"),
+    ("faces_left", "faces left ↓", "{:d}"),
     ("match_rate@0.6", "leak@0.6 ↓", "{:.1%}"),
     ("match_rate@0.5", "leak@0.5 ↓", "{:.1%}"),
     ("identity_distance_mean", "id dist ↑", "{:.3f}"),
@@ -276,6 +278,7 @@ def evaluate_video(
     if settings.progress:
         it = tqdm(it, total=len(frames), desc=f"measure original {path.name}", leave=False, unit="frame")
     reference = [measurer.measure(f, b) if b is not None else M.FaceMeasurement.missing() for f, b in it]
+    seen = C.faces_in_frames(frames, infer_settings)
     arc_ref = _arcface_embeddings(settings.arcface, frames, reference) if settings.arcface else None
     scores: dict[str, ClipScore] = {}
     for name in settings.methods:
@@ -289,6 +292,7 @@ def evaluate_video(
                 anonymized = list(PixelMethod(name, margin=settings.margin)(frames, boxes))
             score = score_method(name, frames, anonymized, boxes, reference, measurer, settings, gallery,
                                  progress_desc=f"measure {name} {path.name}")
+            score.row.update(C.faces_left(frames, anonymized, seen))
             score.row["arcface_similarity"] = (ARCFACE_UNAVAILABLE if arc_ref is None else
                                                arcface_similarity(settings.arcface, anonymized, reference, arc_ref))
         except KeeprError as exc:
@@ -399,6 +403,9 @@ def aggregate(per_video: dict[str, dict[str, ClipScore]], methods: Sequence[str]
                 agg[k] = int(sum(int(r.get(k) or 0) for r in rows))
                 continue
             vals = [r.get(k) for r in rows]
+            if k == "faces_left_frames":
+                agg[k] = "; ".join(f"{r['dataset']}: {r[k]}" for r in rows if r.get(k))
+                continue
             if any(isinstance(v, str) for v in vals):
                 agg[k] = next(v for v in vals if isinstance(v, str))
                 continue
@@ -439,6 +446,10 @@ def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos
     text = "\n".join(lines) + "\n"
     text += (
         f"\nVideos: {', '.join(v.name for v in videos)}; photos for re-identification: {photos_count}. "
+        "faces left: faces the coverage detector (as in infer.py) finds in the original frames, anyone's, that the "
+        "method left as they were (their inner box changed by less than "
+        f"{C.MIN_CHANGE:g} grey levels; frames in results.csv, faces_left_frames): a method that leaves faces "
+        "visible fails, whatever its other scores; "
         "leak@t: share of frames whose anonymized face is within dlib distance t of the original (an attacker that "
         "knows the face box); track leak: the same for descriptors averaged over each video; re-id top-1: London "
         "neutral photos, anonymized, whose nearest gallery photo is the same person; detected: dlib HOG finds the "

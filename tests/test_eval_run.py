@@ -53,6 +53,9 @@ def test_baselines_on_real_clip_and_photos(media_dir, tmp_path, capsys):
         r = rows[("bbaf2n.mpg", m)]
         assert 0.0 <= float(r["match_rate@0.6"]) <= 1.0 and float(r["identity_distance_mean"]) > 0
         assert float(r["warping_error"]) >= 0 and float(r["flicker"]) >= 0
+    # faces left: `none` leaves the one face in all 6 frames, the others leave none.
+    assert (int(none["faces_seen"]), int(none["faces_left"]), none["faces_left_frames"]) == (6, 6, "0-5")
+    assert all(int(rows[("bbaf2n.mpg", m)]["faces_left"]) == 0 for m in ("blur", "mosaic", "blackbox"))
     # The photo re-identification: the original neutral photo finds its own smiling photo; a black box finds nobody.
     assert float(rows[("photos", "none")]["reid_top1"]) == 1.0 and int(rows[("photos", "none")]["reid_probes"]) == 5
     assert float(rows[("photos", "blackbox")]["photo_detection_rate"]) == 0.0
