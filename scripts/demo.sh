@@ -5,8 +5,8 @@
 #   3. encoder, short demo schedule             -> outputs/encoder_tiny_demo/encoder.safetensors
 #   4. infer.py on data/samples/lrwp9a.mpg      -> outputs/demo/ (anonymized.mp4, candidates.png, report.json)
 # Steps whose output already exists are skipped (the pair set is resumed or re-checked) (delete outputs/ to start over). DEMO_PAIRS overrides the pair count.
-# The tiny generator and co-part model are random, so the "virtual face" is a texture and the swapped crop is a
-# blurred copy of the frame: the person stays recognisable. The demo shows the machinery, not anonymization.
+# The tiny generator and co-part model are random, so the "virtual face" is a texture and the part mask covers
+# little of the face: the coverage check blurs it (the fallback). The demo shows the machinery, not virtual faces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -32,9 +32,12 @@ echo "== 4/4 anonymize data/samples/lrwp9a.mpg"
 rm -rf "$OUT"
 "$PY" infer.py --config configs/infer/tiny.yaml --video data/samples/lrwp9a.mpg --out "$OUT"
 echo
-echo "demo done in $(( $(date +%s) - start )) s. Output: $OUT/anonymized.mp4 (candidates: $OUT/candidates.png," \
-     "report: $OUT/report.json)"
-echo "Note: the tiny models have random weights, so the person in the output is still recognisable (the swap only"
-echo "blurs the face crop); use the official weights (configs/infer/default.yaml) for real anonymization."
+echo "demo done in $(( $(date +%s) - start )) s. Output in $OUT/: anonymized.mp4 (the video), candidates.png (the 9"
+echo "candidates and their identity distances), virtual_face.png (the chosen one, skin-matched), latent.npy (its"
+echo "latent) and report.json (every frame, every face found and what was done to it: report.json 'coverage')."
+echo "Note: the tiny models have random weights, so the 'virtual face' is a texture and the co-part model's part mask"
+echo "covers little of the face; the coverage check then applies the fallback (blur) to every face the swap does not"
+echo "cover, and the demo's output shows a blurred face. Use the official weights (configs/infer/default.yaml) for"
+echo "virtual faces."
 echo "Sample clip: GRID audio-visual sentence corpus, M. Cooke, J. Barker, S. Cunningham, X. Shao (2006), JASA" \
      "120(5):2421-2424, doi:10.5281/zenodo.3625687, CC BY 4.0 (data/samples/ATTRIBUTION.md)."
