@@ -25,9 +25,12 @@ test-fast: $(STAMP)
 
 ## make bench: the benchmarks (not tests), quick settings
 bench: $(STAMP)
-	$(PY) bench/generator.py --quick
+	$(PY) bench/generator.py --quick --precision 32,bf16
 	$(PY) bench/cosegmentation.py --quick
+	$(PY) bench/official_cosegmentation.py --quick
+	$(PY) bench/e2e.py --quick
 	$(PY) bench/infer.py --quick
+	bash bench/gpu_check.sh $(PY)
 
 clean-demo:
 	rm -rf outputs/demo

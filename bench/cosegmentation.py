@@ -4,7 +4,9 @@ Four modes: batch 1 and batch N, each with the source cache (source encoded and 
 (the source is encoded and segmented again for every frame, so nothing is kept between frames; the authors'
 make_video re-encodes the source in every call but segments it once).
 Throughput is the analytic conv FLOP count (2*Cout*Cin/groups*kh*kw*Hout*Wout per sample, torch's FlopCounterMode on
-the convs the model actually runs) over wall time, reported as a fraction of the fp32 matmul GFLOP/s measured in the same run.
+the convs the model actually runs) over wall time, reported as a fraction of the oneDNN fp32 GEMM rate (bench/peak.py: a
+2048-channel 1x1 conv in channels_last; torch.mm is MKL at about half that on AMD CPUs) measured in the same run.
+The official part-swap loop side by side with ours, and bf16: bench/official_cosegmentation.py.
 
     python -m bench.cosegmentation [--quick] [--device cpu|cuda] [--out results.json]
 """
@@ -21,7 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from keepr.errors import cli_main  # noqa: E402
+from peak import conv_peak_gflops  # noqa: E402
 from keepr.fileio import write_text_atomic  # noqa: E402
 from models.cosegmentation import make_tiny_cosegmentation  # noqa: E402
 from models.cosegmentation.part_swap import SourceCache, no_tf32  # noqa: E402
@@ -36,20 +41,8 @@ def sync(device):
 
 
 def matmul_gflops(device, n=2048, seconds=2.0) -> float:
-    """Best fp32 GEMM rate (GFLOP/s) over repeated n x n x n products."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    best = 0.0
-    with no_tf32(device):
-        torch.mm(a, b)
-        t_end = time.perf_counter() + seconds
-        while time.perf_counter() < t_end:
-            sync(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return best
+    """Best fp32 GEMM rate (GFLOP/s) of oneDNN (cuDNN on CUDA, TF32 off): n^3 as a 1x1 conv, see bench/peak.py."""
+    return conv_peak_gflops(device, torch.float32, seconds=seconds, n=n)
 
 
 def conv_flops(fn) -> int:
@@ -141,7 +134,7 @@ def main(argv=None):
               "modes": rows,
               "speedup_batch_cache_vs_b1_nocache": base["ms_per_frame"] / best["ms_per_frame"]}
 
-    print(f"device {result['device_name']} threads {result['threads']}  fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(f"device {result['device_name']} threads {result['threads']}  oneDNN fp32 GEMM peak {peak:.1f} GFLOP/s")
     print(f"source cache: built once per video in {prepare_ms:.1f} ms")
     print(f"{'batch':>5} {'cache':>5} {'ms/frame':>9} {'GFLOP/frame':>11} {'GFLOP/s':>8} {'of peak':>7}")
     for r in rows:

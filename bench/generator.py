@@ -6,8 +6,10 @@ Configs: ``tiny`` (64 px, configs/generator/tiny.yaml) and ``ffhq256`` (the offi
 weights), batch 1 and 8, full ``G(z)`` (mapping + synthesis, noise 'const', no autograd). FLOPs are counted
 analytically as 2 x multiply-accumulates of every convolution (including the FIR resampling filters, transposed
 convolutions counted at their input resolution as in the official implementation) and fully connected layer. The
-peak is ``torch.mm`` of two 2048x2048 fp32 matrices, measured in the same run with the same threads; both are
-best-of-N timings, so a busy machine lowers both rather than the ratio. Prints a Markdown table. Not a test.
+peak is a oneDNN kernel (bench/peak.py: a 2048-channel 1x1 conv in channels_last, i.e. a 2048^3 GEMM, in the row's
+dtype; torch.mm is MKL, about half of oneDNN's rate on AMD CPUs), measured in the same run with the same threads; both
+are best-of-N timings, so a busy machine lowers both rather than the ratio. ``--precision 32,bf16`` adds rows under
+keepr.precision.autocast. Prints a Markdown table. Not a test.
 """
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from keepr.errors import cli_main  # noqa: E402
+from keepr.precision import autocast, check_precision, compute_dtype  # noqa: E402
+from peak import conv_peak_gflops  # noqa: E402
 from models.stylegan2 import Generator  # noqa: E402
 from models.stylegan2.loaders import build_generator, load_generator_config, make_tiny_generator  # noqa: E402
 from models.stylegan2.networks import FullyConnectedLayer, SynthesisLayer, ToRGBLayer  # noqa: E402
@@ -70,16 +76,9 @@ def best_time(fn, reps: int, min_seconds: float = 0.0) -> float:
     return best
 
 
-def matmul_peak_gflops(device: torch.device, reps: int, n: int = 2048) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-
-    def run():
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return 2 * n ** 3 / best_time(run, reps, min_seconds=0.5) / 1e9
+def matmul_peak_gflops(device: torch.device, reps: int, dtype=torch.float32) -> float:
+    """oneDNN (cuDNN on CUDA) 2048^3 GEMM as a 1x1 conv; see bench/peak.py."""
+    return conv_peak_gflops(device, dtype, seconds=0.5 if reps <= 1 else 1.0)
 
 
 @cli_main
@@ -89,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 3, quick 1)")
+    parser.add_argument("--precision", default="32", help="comma-separated precisions to time (32, bf16, 16)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,33 +99,38 @@ def main(argv: list[str] | None = None) -> None:
         "tiny": make_tiny_generator(seed=0),
         "ffhq256": build_generator(load_generator_config("ffhq256"), seed=0).eval().requires_grad_(False),
     }
+    precisions = [check_precision(p, device) for p in args.precision.split(",")]
     rows = []
-    peaks = [matmul_peak_gflops(device, reps)]
+    peaks = {p: [matmul_peak_gflops(device, reps, compute_dtype(p))] for p in precisions}
     for name, G in models.items():
         G = G.to(device)
         flops = generator_flops(G)
         for batch in (1, 8):
             z = torch.randn(batch, G.z_dim, generator=torch.Generator().manual_seed(batch)).to(device)
+            for prec in precisions:
 
-            def run():
-                with torch.inference_mode():
-                    G(z, truncation_psi=0.7, noise_mode="const")
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                def run():
+                    with torch.inference_mode(), autocast(device, prec):
+                        G(z, truncation_psi=0.7, noise_mode="const")
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
 
-            dt = best_time(run, reps, min_seconds=0.0 if args.quick else 1.0)
-            rows.append((name, G.img_resolution, batch, batch / dt, 1000 * dt / batch, flops / 1e9,
-                         batch * flops / dt / 1e9))
-        peaks.append(matmul_peak_gflops(device, reps))
-    peak = max(peaks)
+                dt = best_time(run, reps, min_seconds=0.0 if args.quick else 1.0)
+                rows.append((name, G.img_resolution, batch, prec, batch / dt, 1000 * dt / batch, flops / 1e9,
+                             batch * flops / dt / 1e9))
+        for p in precisions:
+            peaks[p].append(matmul_peak_gflops(device, reps, compute_dtype(p)))
+    peak = {p: max(v) for p, v in peaks.items()}
 
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     print(f"device: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-          f"threads: {threads}; fp32 matmul peak (torch.mm 2048^2, best of run): {peak:.1f} GFLOP/s\n")
-    print("| config | px | batch | images/s | ms/image | GFLOP/image | GFLOP/s | % of matmul peak |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, px, batch, ips, ms, gf, gfs in rows:
-        print(f"| {name} | {px} | {batch} | {ips:.2f} | {ms:.1f} | {gf:.3f} | {gfs:.1f} | {100 * gfs / peak:.0f}% |")
+          f"threads: {threads}; oneDNN GEMM peak (2048^3 as a 1x1 conv, best of run): " +
+          ", ".join(f"{p}: {v:.1f} GFLOP/s" for p, v in peak.items()) + "\n")
+    print("| config | px | batch | precision | images/s | ms/image | GFLOP/image | GFLOP/s | % of peak (same dtype) |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, px, batch, prec, ips, ms, gf, gfs in rows:
+        print(f"| {name} | {px} | {batch} | {prec} | {ips:.2f} | {ms:.1f} | {gf:.3f} | {gfs:.1f} | "
+              f"{100 * gfs / peak[prec]:.0f}% |")
 
 
 if __name__ == "__main__":
