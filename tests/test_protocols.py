@@ -316,3 +316,37 @@ def test_locate_describes_the_original_box(small_pairs, gallery, direct):
     b = images[P.photo_path(gallery, p.name2, p.index2, "london")][2]
     assert result.rows[0]["dlib_anonymized"] == pytest.approx(-float(np.linalg.norm(a - b)), abs=1e-12)
     assert "face box known" in result.table
+
+
+def test_keepr_method_with_the_tiny_models(gallery, tiny_models, tmp_path, capsys):
+    """`verify --method keepr` through the real photo pipeline (anonymizer.photos) on 2 ids (2 same-person and 2
+    different-person pairs) with the tiny random models: the wiring and the outputs, not the privacy numbers."""
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(P.format_pairs(P.london_pairs(IDS[:2], negatives_per_id=1)))
+    out = tmp_path / "verify_keepr"
+    result = P.main(["verify", "--pairs", str(pairs), "--root", str(gallery), "--layout", "london", "--method",
+                     "keepr", "--config", str(tiny_models["config"]), "--seed", "1", "--out", str(out),
+                     "--no_progress"])
+    res = json.loads((out / "verification.json").read_text())
+    proto, d = res["protocol"], res["dlib"]
+    assert proto["method"] == "keepr" and proto["anonymized_photos"] == 2 and proto["margin"] is None
+    assert proto["anonymized_photos_without_face"] == 0  # the photo path found the face in both first photos
+    assert d["status"] == "ok" and d["pairs"] == 4 and d["same_pairs"] == 2
+    assert d["reference"]["no_face"] == 0 and 0.0 <= d["auc"] <= 1.0
+    assert "| dlib ResNet | keepr |" in (out / "verification.md").read_text()
+    # The first photos were anonymized with the same settings and models the API gives.
+    from anonymizer.faces import load_image
+    from anonymizer.photos import anonymize_image, load_models
+    from eval.baselines import keepr_settings
+
+    s = keepr_settings({"config": str(tiny_models["config"]), "seed": 1})
+    rgb = load_image(P.photo_path(gallery, IDS[0], 1, "london"))
+    anon, info = anonymize_image(rgb, s, load_models(s.models))
+    assert anon.shape == rgb.shape and info["faces"] >= 1 and info["persons"][0]["chosen"]
+    row = next(r for r in result.rows if r["name1"] == IDS[0] and r["same"])
+    from anonymizer.identity import FaceRecognizer
+
+    rec = FaceRecognizer()
+    a, b = rec.descriptor(anon), rec.descriptor(load_image(P.photo_path(gallery, IDS[0], 2, "london")))
+    expect = None if a is None or b is None else -float(np.linalg.norm(a - b))
+    assert row["dlib_anonymized"] == (pytest.approx(expect, abs=1e-12) if expect is not None else None)
