@@ -16,10 +16,16 @@ A video that fails (a KeeprError: no face found, unreadable, a method that fails
 evaluation: it is reported with its error (an ``error`` column in results.csv naming the file and the cause, a
 "Failed" list in results.md, a warning on stderr) and the other videos go on. Only when every video fails does the
 evaluation fail (one line, exit status 1), after writing results.csv and results.md with the errors.
+
+Many processes: ``--trainer.devices N --trainer.accelerator cpu|gpu --trainer.strategy ddp [--trainer.num_nodes M]``
+split the videos across Lightning ranks (whole videos, the longest first, dealt round-robin); each rank scores its
+videos and writes each one's results (``OUT/.eval-parts/``), and rank 0 merges them in the order of the videos into
+the same results.csv, results.md and plots as one process (then removes the parts). Photos are scored on rank 0.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import io
@@ -553,9 +559,158 @@ def _warn(f: ClipFailure) -> None:
     tqdm.write(f"warning: {f.error}{what}; going on with the others", file=sys.stderr)
 
 
+def video_result(v: Path, settings: EvalSettings, measurer: M.FaceMeasurer,
+                 gallery: tuple[np.ndarray, list[str]] | None) -> tuple[dict[str, ClipScore], list[ClipFailure],
+                                                                      list[dict]]:
+    """One video: (scores per method, failures, its results.csv rows in the order of the methods)."""
+    failures: list[ClipFailure] = []
+    try:
+        scores = evaluate_video(v, settings, measurer, gallery, failures=failures)
+    except KeeprError as exc:  # the video itself: unreadable, no face...
+        failures.append(ClipFailure(v, None, failure_message(v, exc)))
+        _warn(failures[-1])
+        scores = {}
+    # Rows in the order of the methods: scores and errors of this video.
+    errors = {m: f for f in failures for m in ([f.method] if f.method else settings.methods)}
+    rows = []
+    for m in settings.methods:
+        if m in scores:
+            rows.append(scores[m].row)
+        elif m in errors:
+            rows.append({"dataset": v.name, "method": m, "error": errors[m].error})
+    return scores, failures, rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Many processes (--trainer.devices N): videos split across Lightning ranks, merged on rank 0.
+
+PARTS_DIR = ".eval-parts"  # per-video results inside --out while a distributed evaluation runs
+
+
+def evaluate_distributed(video_paths: Sequence[Path], settings: EvalSettings, measurer: M.FaceMeasurer,
+                         gallery, out_dir: Path, trainer_kwargs: dict) -> list | None:
+    """Every video's :func:`video_result`, computed on the rank that owns it (``Trainer.predict`` over video
+    indices; whole videos, the longest first, dealt round-robin as in ``anonymizer.batch``) and written per video
+    (``OUT/.eval-parts/<index>.pkl``, atomically); rank 0 reads them back in the order of the videos after every rank
+    is done and returns them (the parts are removed); other ranks return None."""
+    import logging
+    import pickle
+    import shutil
+    import warnings
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, Dataset, Sampler
+
+    from anonymizer.batch import Item, deal, input_work
+
+    items = [Item(k, str(v), v.name, "", "video",
+                  input_work(v, "video") if settings.max_frames is None else _capped_work(v, settings.max_frames))
+             for k, v in enumerate(video_paths)]
+    parts = Path(out_dir) / PARTS_DIR
+
+    class Indices(Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return int(i)
+
+    class Owned(Sampler):
+        def __init__(self, rank: int, world: int):
+            self.indices = deal(items, world)[rank]
+
+        def __iter__(self):
+            return iter(self.indices)
+
+        def __len__(self):
+            return len(self.indices)
+
+    class EvalVideos(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.merged: list | None = None
+            self.bar = None
+
+        def setup(self, stage):
+            if self.trainer.global_rank == 0:
+                if parts.exists():
+                    shutil.rmtree(parts)  # left by a killed run
+                parts.mkdir(parents=True)
+            self.trainer.strategy.barrier("eval-parts")
+
+        def predict_dataloader(self):
+            t = self.trainer
+            sampler = Owned(t.global_rank, t.world_size)
+            if settings.progress:
+                self.bar = tqdm(total=len(sampler), desc=f"rank {t.global_rank} videos", unit="video",
+                                position=t.local_rank)
+            return DataLoader(Indices(), batch_size=None, sampler=sampler, num_workers=0)
+
+        def predict_step(self, batch, batch_idx):
+            k = int(batch)
+            with _local_metrics():
+                result = video_result(video_paths[k], settings, measurer, gallery)
+            with atomic_path(parts / f"{k:06d}.pkl", ".pkl") as tmp:
+                tmp.write_bytes(pickle.dumps(result))
+            if self.bar is not None:
+                self.bar.update(1)
+            return None
+
+        def teardown(self, stage):
+            if self.bar is not None:
+                self.bar.close()
+            self.trainer.strategy.barrier("eval-merge")
+            if self.trainer.global_rank == 0:
+                self.merged = [pickle.loads((parts / f"{k:06d}.pkl").read_bytes()) for k in range(len(items))]
+                shutil.rmtree(parts, ignore_errors=True)
+
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, use_distributed_sampler=False,
+                         enable_model_summary=False, enable_progress_bar=False, inference_mode=False, **kwargs)
+    module = EvalVideos()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|Total length of `DataLoader`"
+                                "|GPU available but not used|predict returned None|LeafSpec).*")
+        trainer.predict(module, return_predictions=False)
+    return module.merged if trainer.global_rank == 0 else None
+
+
+@contextlib.contextmanager
+def _local_metrics():
+    """torchmetrics metrics made in the block compute on this rank's own data: a video's metrics are the video's,
+    whichever rank has it (by default a Metric syncs its states across the process group on compute)."""
+    import torchmetrics.metric as tm
+
+    before = tm.jit_distributed_available
+    tm.jit_distributed_available = lambda: False
+    try:
+        yield
+    finally:
+        tm.jit_distributed_available = before
+
+
+def _capped_work(path: Path, max_frames: int) -> float:
+    """Frames (at most ``max_frames``) x pixels of a video from its header; 0 when it cannot be read."""
+    try:
+        from anonymizer.video import probe_video
+
+        info = probe_video(path)
+        frames = info.num_frames or (info.duration or 0.0) * float(info.fps) or max_frames
+        return float(min(frames, max_frames)) * info.width * info.height
+    except Exception:  # noqa: BLE001 (an unreadable video fails on its rank; here it only goes last)
+        return 0.0
+
+
 def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, out_dir: str | Path,
-             settings: EvalSettings | None = None) -> EvalResult:
-    """Run the whole evaluation and write results.csv, results.md and the plots to ``out_dir``."""
+             settings: EvalSettings | None = None, trainer: dict | None = None) -> EvalResult | None:
+    """Run the whole evaluation and write results.csv, results.md and the plots to ``out_dir``.
+
+    ``trainer``: Lightning Trainer options (``devices``, ``accelerator``, ``strategy``, ``num_nodes``): the videos
+    are split across its ranks (:func:`evaluate_distributed`) and rank 0 writes the same outputs a single process
+    writes; other ranks return None. None: one process, no Lightning.
+    """
     settings = settings or EvalSettings()
     settings.methods = parse_methods(settings.methods)
     video_paths = list_files(videos, VIDEO_SUFFIXES, "video")
@@ -582,24 +737,18 @@ def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, 
     per_video: dict[str, dict[str, ClipScore]] = {}
     failures: list[ClipFailure] = []
     rows: list[dict] = []
-    it = tqdm(video_paths, desc="videos", unit="video") if settings.progress else video_paths
-    for v in it:
-        before = len(failures)
-        try:
-            scores = evaluate_video(v, settings, measurer, gallery, failures=failures)
-        except KeeprError as exc:  # the video itself: unreadable, no face...
-            failures.append(ClipFailure(v, None, failure_message(v, exc)))
-            _warn(failures[-1])
-            scores = {}
+    if trainer is not None:  # the videos split across ranks; rank 0 goes on with every video's results
+        results = evaluate_distributed(video_paths, settings, measurer, gallery, out_dir, trainer)
+        if results is None:
+            return None
+    else:
+        it = tqdm(video_paths, desc="videos", unit="video") if settings.progress else video_paths
+        results = (video_result(v, settings, measurer, gallery) for v in it)
+    for v, (scores, video_failures, video_rows) in zip(video_paths, results):
         if scores:
             per_video[v.name] = scores
-        # Rows in the order of the methods: scores and errors of this video.
-        errors = {m: f for f in failures[before:] for m in ([f.method] if f.method else settings.methods)}
-        for m in settings.methods:
-            if m in scores:
-                rows.append(scores[m].row)
-            elif m in errors:
-                rows.append({"dataset": v.name, "method": m, "error": errors[m].error})
+        failures += video_failures
+        rows += video_rows
     summary = aggregate(per_video, settings.methods)
     photo_rows = evaluate_photos(photo_paths, described, settings, measurer) if described else {}
 
@@ -637,6 +786,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ArcFace IR-SE-50 model_ir_se50.pth (TreB1eN/InsightFace_Pytorch, as in pSp/e4e): adds "
                         "arcface_similarity")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    t = p.add_argument_group("many processes (Lightning; any of these splits the videos across ranks, results are "
+                             "merged on rank 0 into the same outputs)")
+    t.add_argument("--trainer.devices", dest="devices", default=None,
+                   help="devices (processes) per node, e.g. 2 or 'auto'")
+    t.add_argument("--trainer.accelerator", dest="accelerator", default=None, help="cpu, gpu or auto")
+    t.add_argument("--trainer.strategy", dest="strategy", default=None, help="e.g. ddp")
+    t.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=None, help="nodes (SLURM: srun)")
     g = p.add_argument_group("keepr method (passed to anonymizer.pipeline)")
     g.add_argument("--config", default=None, help="infer config YAML (e.g. configs/infer/tiny.yaml)")
     g.add_argument("--generator", default=None)
@@ -649,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @cli_main
-def main(argv: Sequence[str] | None = None) -> EvalResult:
+def main(argv: Sequence[str] | None = None) -> EvalResult | None:
     args = build_parser().parse_args(argv)
     keepr = {k: getattr(args, k) for k in ("config", "generator", "encoder", "cosegmentation",
                                            "cosegmentation_config", "seed", "candidate") if getattr(args, k) is not None}
@@ -658,7 +814,13 @@ def main(argv: Sequence[str] | None = None) -> EvalResult:
         inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, keepr=keepr, arcface=args.arcface,
         progress=not args.no_progress,
     )
-    result = evaluate(args.videos, args.photos, args.out, settings)
+    trainer = {k: getattr(args, k) for k in ("devices", "accelerator", "strategy", "num_nodes")
+               if getattr(args, k) is not None}
+    if isinstance(trainer.get("devices"), str) and trainer["devices"].isdigit():
+        trainer["devices"] = int(trainer["devices"])
+    result = evaluate(args.videos, args.photos, args.out, settings, trainer=trainer or None)
+    if result is None:  # a rank other than 0 of a distributed evaluation: rank 0 writes and prints
+        return None
     print(result.table)
     for f in result.files:
         print(f"wrote {f}")
