@@ -532,7 +532,7 @@ def read_photo(path: str | os.PathLike) -> Photo:
                 mode = im.mode
                 if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                     a = np.asarray(im, dtype=np.float64)
-                    a = a / 257.0 if mode.startswith("I;16") or a.max() > 255 else a
+                    a = a / 257.0 if mode.startswith("I") else a  # 16-bit PNG gray (PIL: I;16 or I)
                     im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
                     mode = "L"
                 has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)

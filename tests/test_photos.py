@@ -97,10 +97,44 @@ def test_face_seed_is_stable():
     import hashlib
 
     assert face_seed(0, "a/b.jpg", 0) == face_seed(0, "a/b.jpg", 0) == 1456892610  # pinned: outputs depend on it
-    assert face_seed(7, "a/b.jpg", 2) == int.from_bytes(hashlib.sha256(b"keepr-photo\x007\x00a/b.jpg\x002").digest()[:4],
-                                                        "big")
+    digest = hashlib.sha256(b"keepr-photo\x007\x00a/b.jpg\x002").digest()
+    assert face_seed(7, "a/b.jpg", 2) == int.from_bytes(digest[:4], "big")
     assert len({face_seed(s, n, k) for s in (0, 1) for n in ("a.jpg", "b.jpg") for k in (0, 1)}) == 8
     assert all(0 <= face_seed(s, "x", 3) < 2 ** 32 for s in (0, 2 ** 32 - 1))
+
+
+@pytest.mark.parametrize("name,mode", [("x.webp", "RGB"), ("x.webp", "RGBA"), ("x.bmp", "RGB"), ("x.png", "L"),
+                                       ("x.png", "LA"), ("x.png", "P"), ("x.png", "I;16"), ("x.jpeg", "L")])
+def test_read_write_round_trip(tmp_path, name, mode):
+    """Every format and mode comes back in its format, size and (colour, gray, alpha) mode; alpha exactly."""
+    from anonymizer.photos import read_photo, write_photo
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    im = Image.fromarray(rgba, "RGBA")
+    if mode == "I;16":
+        im = Image.fromarray(rgba[..., 0].astype(np.uint16) * 257)
+    elif mode == "P":
+        im = im.convert("RGB").quantize(16)
+        im.info["transparency"] = 0
+    elif mode != "RGBA":
+        im = im.convert(mode)
+    src = tmp_path / name
+    im.save(src, **({"transparency": 0} if mode == "P" else {}))
+    ph = read_photo(src)
+    assert ph.rgb.shape == (37, 53, 3) and ph.rgb.dtype == np.uint8
+    dest = tmp_path / "out" / name
+    write_photo(ph, ph.rgb, dest)
+    with Image.open(dest) as b:
+        assert b.format == Image.open(src).format and b.size == (53, 37)
+        want = {"L": "L", "LA": "LA", "I;16": "L", "P": "RGBA", "RGBA": "RGBA"}.get(mode, "RGB")
+        assert b.mode == want, (mode, b.mode)
+        if want in ("RGBA", "LA"):
+            assert np.array_equal(np.asarray(b)[..., -1], ph.alpha)
+        if name.endswith((".png", ".bmp")) and mode not in ("P",):
+            assert np.array_equal(np.asarray(b.convert("RGB")), ph.rgb)  # lossless formats: the same pixels
+    if mode == "I;16":
+        assert np.array_equal(ph.rgb[..., 0], rgba[..., 0])
 
 
 def test_anonymize_image(photos, tiny_settings, models):
