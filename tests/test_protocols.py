@@ -318,6 +318,7 @@ def test_locate_describes_the_original_box(small_pairs, gallery, direct):
     assert "face box known" in result.table
 
 
+@pytest.mark.slow
 def test_keepr_method_with_the_tiny_models(gallery, tiny_models, tmp_path, capsys):
     """`verify --method keepr` through the real photo pipeline (anonymizer.photos) on 2 ids (2 same-person and 2
     different-person pairs) with the tiny random models: the wiring and the outputs, not the privacy numbers."""
