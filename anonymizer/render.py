@@ -19,6 +19,7 @@ from anonymizer.coverage import CoverageTally, CoverFrame, SwapRegion, cover_fra
 from anonymizer.crop import crop_box, crop_frame, crop_matrix
 from anonymizer.scan import Cancelled, Progress, Scan, Stopwatch
 from anonymizer.settings import InferSettings
+from anonymizer.tracking import iou
 from anonymizer.video import VideoReader, VideoWriter
 from keepr.errors import KeeprError
 
@@ -44,6 +45,18 @@ def to_tensor(images: list[np.ndarray], device):
 
 def to_uint8(x) -> np.ndarray:
     return x.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def faces_to_check(found: list[tuple], idx: int, ctx: CoverFrame, others: dict[int, list]) -> list[tuple]:
+    """The coverage pass's faces of frame ``idx`` plus the tracked boxes (marked inferred) of chosen persons without a
+    virtual face where no face was found: the fallback covers them between detections too."""
+    faces = list(found)
+    for pid in ctx.failed:
+        line = others.get(pid)
+        box = line[idx].box if line is not None else None
+        if box is not None and all(iou(f[:4], box) < 0.3 for f in faces):
+            faces.append((*box, 0.0, True))
+    return faces
 
 
 def render(reader: VideoReader, writer: VideoWriter, scan: Scan, targets: list[Target], others: dict[int, list],
@@ -101,7 +114,8 @@ def render(reader: VideoReader, writer: VideoWriter, scan: Scan, targets: list[T
             t0 = time.perf_counter()
             boxes = {tgt.person.id: tgt.timeline[idx].box for tgt in targets if tgt.timeline[idx].box is not None}
             boxes.update({pid: line[idx].box for pid, line in others.items() if line[idx].box is not None})
-            results = cover_frame(ctx, image, out, scan.faces[idx], boxes, regions[k],
+            faces = faces_to_check(scan.faces[idx], idx, ctx, others)
+            results = cover_frame(ctx, image, out, faces, boxes, regions[k],
                                   check_identity=idx % s.coverage.identity_every == 0)
             tally.add(idx, results)
             frames_report[idx]["coverage"] = results
