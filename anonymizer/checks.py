@@ -195,6 +195,12 @@ def validate_settings(s) -> None:
     p.integer("swap.batch_size", w.batch_size, 1, what=" (frames per part-swap batch)")
     try:
         check_device(w.device, "swap.device")
+        from keepr.precision import check_precision  # imports torch: only once the device is known to be valid
+
+        try:
+            check_precision(w.precision, w.device, warn=False)
+        except KeeprError as exc:
+            p.append(f"swap.precision {w.precision!r}: {exc}")
     except KeeprError as exc:
         p.append(str(exc))
 

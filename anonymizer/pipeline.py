@@ -41,6 +41,7 @@ from anonymizer.streams import plan_streams
 from anonymizer.video import VideoReader, VideoWriter, check_encode_settings, plan_timestamps
 from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import atomic_dir, sha256_file
+from keepr.precision import autocast, tune_allocator
 
 __all__ = ["InferSettings", "Models", "load_models", "check_model_files", "check_input", "track_faces",
            "virtual_faces", "render_video", "anonymize_video", "Cancelled", "Scan"]
@@ -86,6 +87,7 @@ def load_models(paths: ModelPaths, device: str = "cpu") -> Models:
     from models.encoder import load_encoder
     from models.stylegan2 import load_generator
 
+    tune_allocator()  # before the first large tensor: glibc keeps freed frames' memory instead of remapping it
     G = load_generator(paths.generator, device=device)
     enc = load_encoder(paths.encoder, paths.generator, device=device)
     coseg = load_cosegmentation(paths.cosegmentation, paths.cosegmentation_config, device=device)
@@ -121,8 +123,9 @@ def virtual_faces(persons: list[Person], models: Models, settings: InferSettings
             vs = dataclasses.replace(vs, candidate=candidates[p.id])
         seed = seeds[p.id] if seeds and p.id in seeds else settings.seed + p.id
         try:
-            out[p.id] = build_virtual_face(models, tr.best_image, tr.best_landmarks - np.array([ox, oy]), vs,
-                                           seed=seed)
+            with autocast(settings.swap.device, settings.swap.precision):
+                out[p.id] = build_virtual_face(models, tr.best_image, tr.best_landmarks - np.array([ox, oy]), vs,
+                                               seed=seed)
         except KeeprError as exc:
             out[p.id] = " ".join(str(exc).split())
         if watch is not None:
@@ -142,7 +145,7 @@ def make_target(person: Person, vf, models: Models, settings: InferSettings, num
     src_box = crop_box((bx[0] - ox, bx[1] - oy, bx[2] - ox, bx[3] - oy), s.crop.scale, s.crop.shift_y)
     source_crop = crop_aligned(vf.image, vf.align_matrix, vf.align_size, src_box, img_size)
     swapper = PartSwapper(models.coseg, to_tensor([source_crop], s.swap.device), s.swap.parts, hard=s.swap.hard,
-                          mask_from=s.swap.mask_from, batch_size=s.swap.batch_size)
+                          mask_from=s.swap.mask_from, batch_size=s.swap.batch_size, precision=s.swap.precision)
     timeline = person.timeline(num_frames, s.track.max_gap, s.track.hold, s.track.smooth_radius)
     return Target(person, timeline, vf, source_crop, swapper)
 

@@ -60,6 +60,7 @@ class SwapSettings:
     mask_from: str = "driving"  # segment the parts on the 'driving' frame or the 'source' virtual face
     batch_size: int = 8  # frames per part-swap batch (memory is bounded by this)
     device: str = "cpu"  # torch device for the models
+    precision: str = "32"  # 32 | bf16 (CPUs with AVX-512 BF16 / AMX, recent GPUs) | 16 (GPUs): generator, encoder, swap
 
 
 @dataclass

@@ -28,6 +28,7 @@ def run(args: list[str]) -> tuple[int, str]:
     ("--crop.scale", "-1", "crop.scale"),
     ("--fallback", "pixelate", "fallback"),
     ("--coverage.upsample", "0", "coverage.upsample"),
+    ("--swap.precision", "16", "swap.precision"),  # float16 on a CPU
 ])
 def test_bad_options_refused_before_any_work(flag, value, names, media_dir, tmp_path):
     out = tmp_path / "out"
@@ -146,3 +147,21 @@ def test_output_through_a_symlink_to_an_empty_directory(tiny_models, media_dir, 
     assert code == 0, err
     assert link.is_symlink() and (target / "anonymized.mp4").is_file() and (target / "report.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or lock left
+
+
+@pytest.mark.slow
+def test_bf16_pipeline_close_to_fp32(tiny_models, media_dir, tmp_path):
+    """The whole pipeline at bf16 against 32: per-frame PSNR of the output videos (issue: >= 40 dB)."""
+    from anonymizer.video import VideoReader
+
+    clip = write(tmp_path / "in.mp4", grid_frames(media_dir, 8))
+    outs = {}
+    for p in ("32", "bf16"):
+        code, err, rep = infer_tiny(tiny_models, clip, tmp_path / p, "--swap.precision", p, "--blend.mask", "crop",
+                                    "--encode.crf", "0")
+        assert code == 0, err
+        assert rep["settings"]["swap"]["precision"] == p and rep["coverage"]["by_swap"] == 8  # the swap covers
+        outs[p] = [f.image.astype(np.float64) for f in VideoReader(tmp_path / p / "anonymized.mp4")]
+    for a, b in zip(outs["32"], outs["bf16"]):
+        mse = np.mean((a - b) ** 2)
+        assert mse == 0 or 10 * np.log10(255 ** 2 / mse) >= 40.0
