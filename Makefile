@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean-demo
+.PHONY: demo test test-fast bench clean-demo app
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): requirements.txt
 ## make demo: tiny models -> tiny pair set -> short encoder run -> anonymize data/samples/lrwp9a.mpg
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+## make app: the web page on http://127.0.0.1:8000 (the demo's tiny models, with a banner, when the official weights
+## are missing); APP_ARGS passes options, e.g. make app APP_ARGS="--config configs/infer/default.yaml"
+app: $(STAMP)
+	$(PY) -m webapp $(APP_ARGS)
 
 ## make test: the whole test suite, slow end-to-end tests included
 test: $(STAMP)

@@ -117,8 +117,8 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
         page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
 
-        def shot(name: str) -> None:
-            data = page.screenshot(full_page=True)
+        def shot(name: str, selector: str) -> None:
+            data = page.locator(selector).screenshot()
             for d in shots:
                 (d / name).write_bytes(data)
 
@@ -126,6 +126,7 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         expect(page.locator("#banner")).to_be_visible()
         expect(page.locator("#banner")).to_contain_text("tiny")
 
+        shot("0-start.png", "body")
         # 1. Upload (file picker); the MPEG-1 original becomes playable as an H.264 copy.
         page.set_input_files("#file-input", str(src))
         person = page.locator('#persons input[data-person="0"]')
@@ -133,9 +134,7 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         assert "/original" in (page.locator("#original").get_attribute("src") or "")
         page.wait_for_function("document.querySelector('#original').readyState >= 2", timeout=30_000)
         assert page.evaluate("document.querySelector('#original').duration") == pytest.approx(3.0, abs=0.1)
-        page.locator("#step-upload").screenshot(path=str(shots[0] / "1-upload.png"))
-        for d in shots[1:]:
-            shutil.copy(shots[0] / "1-upload.png", d / "1-upload.png")
+        shot("1-upload.png", "#step-upload")
 
         # 2. Faces found: one person, 0.00 - 2.96 s; tick them (untick, tick again).
         expect(page.locator("#persons .person")).to_have_count(1)
@@ -145,7 +144,7 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         expect(page.locator("#run")).to_be_disabled()
         person.check()
         expect(person).to_be_checked()
-        shot("2-faces.png")
+        shot("2-faces.png", "#step-faces")
 
         # 3. Virtual faces: pick candidate 3, untick part 2.
         cell = page.locator('[data-vperson="0"] [data-candidate="3"]')
@@ -162,24 +161,20 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         part.uncheck()
         checked_parts = page.eval_on_selector_all("#parts input:checked", "es => es.map(e => +e.value)")
         assert checked_parts == [1, 5]
-        page.locator("#step-virtual").screenshot(path=str(shots[0] / "3-virtual-faces.png"))
-        for d in shots[1:]:
-            shutil.copy(shots[0] / "3-virtual-faces.png", d / "3-virtual-faces.png")
+        shot("3-virtual-faces.png", "#step-virtual")
 
         # 4. Run, watch the progress, wait for the result.
         page.click("#run")
         expect(page.locator("#step-result")).to_be_visible()
         expect(page.locator("#render-text")).to_contain_text(re.compile(r"Frames [1-9]\d*/75 .* left"),
                                                              timeout=120_000)
-        page.locator("#step-result").screenshot(path=str(shots[0] / "4-rendering.png"))
+        shot("4-rendering.png", "#step-result")
         expect(page.locator("#result")).to_be_visible(timeout=300_000)
         for v in ("#result-original", "#result-video"):  # the same instant in both, for the screenshot
             page.wait_for_function(f"document.querySelector('{v}').readyState >= 2", timeout=30_000)
             page.eval_on_selector(v, "v => new Promise(ok => { v.onseeked = () => ok(); v.currentTime = 1.2; })")
-        page.locator("#step-result").screenshot(path=str(shots[0] / "5-result.png"))
-        for d in shots[1:]:
-            for n in ("4-rendering.png", "5-result.png"):
-                shutil.copy(shots[0] / n, d / n)
+        shot("5-result.png", "#step-result")
+        page.screenshot(path=str(shots[0] / "page.png"), full_page=True)
 
         with page.expect_download() as dl:
             page.click("#download-video")
@@ -203,6 +198,6 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
     rep = json.loads(report.read_text())
     assert rep["settings"]["swap"]["parts"] == [1, 5]
     assert rep["persons"]["anonymized"][0]["virtual_face"]["chosen"] == 3
-    for n in ("1-upload.png", "2-faces.png", "3-virtual-faces.png", "4-rendering.png", "5-result.png"):
+    for n in ("0-start.png", "1-upload.png", "2-faces.png", "3-virtual-faces.png", "4-rendering.png", "5-result.png"):
         assert (tmp_path / "screenshots" / n).stat().st_size > 1000
     assert (config.work_dir / job_id / "result" / "anonymized.mp4").is_file()

@@ -553,7 +553,7 @@ class JobManager:
         scan = job.scan
         selected = [p for p in scan.persons if p.id in persons]
         self._set_state(job, "rendering", progress={"stage": "rendering", "done": 0, "total": scan.num_frames,
-                                                       "elapsed_s": 0.0, "eta_s": None})
+                                                       "elapsed_s": 0.0, "eta_s": None, "started": time.monotonic()})
         t0 = time.monotonic()
         report = render_video(checked, job.dir / RESULT, scan, selected, {p.id: job.vfs[p.id] for p in selected},
                               self.models, every_person=len(selected) == len(scan.persons),

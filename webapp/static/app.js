@@ -245,6 +245,7 @@ function render(job) {
   if (chooseOrLater && job.persons.length) {
     buildPersons(job);
     updateVirtual(job);
+    markParts(job);
   }
   $('#step-faces').hidden = !(chooseOrLater && job.persons.length);
   $('#step-virtual').hidden = !(chooseOrLater && job.persons.length);
@@ -300,6 +301,7 @@ function buildPersons(job) {
       S.ticked.set(p.id, input.checked);
       card.classList.toggle('off', !input.checked);
       updateVirtual(S.job);
+      markParts(S.job);
       updateRunButton();
     });
     box.append(card);
@@ -318,7 +320,18 @@ function buildPersons(job) {
       .segments.find((s) => s.index === k);
     const swatch = el('span', { class: 'swatch' });
     swatch.style.background = colour ? colour.colour : '#ccc';  // CSSOM: allowed by the page's CSP
-    parts.append(el('label', {}, input, swatch, `Part ${k}`));
+    parts.append(el('label', { 'data-part-label': k }, input, swatch, `Part ${k}`,
+      el('span', { class: 'absent', text: ' (not in the chosen face)', hidden: true })));
+  }
+}
+
+// Parts that no chosen face of a ticked person has: said next to their box (swapping them changes nothing).
+function markParts(job) {
+  const faces = job.persons.filter((p) => S.ticked.get(p.id) && p.segments && p.segments.length);
+  for (const label of document.querySelectorAll('#parts [data-part-label]')) {
+    const k = Number(label.dataset.partLabel);
+    const absent = faces.length > 0 && faces.every((p) => !p.segments.some((s) => s.index === k && s.area > 0));
+    label.querySelector('.absent').hidden = !absent;
   }
 }
 
