@@ -249,3 +249,29 @@ def test_a_failing_method_is_reported_and_the_others_go_on(media_dir, tmp_path, 
     assert int(rows[("bbaf2n.mpg", "none")]["frames"]) == 3
     assert [(f.method, f.error) for f in result.failures] == [("blur", f"{video}: blur broke")]
     assert "- bbaf2n.mpg (blur): " in result.table
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_results_as_one(media_dir, tmp_path):
+    """Issue 17: the videos split across 2 CPU DDP ranks, merged on rank 0: the same results.csv and results.md."""
+    import os
+    import shutil
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("bbaf2n.mpg", "video_01.mp4"):
+        shutil.copy(media_dir / "videos" / name, clips / name)
+    _faceless_video(clips / "gradient.mp4")  # a failed video is merged too
+    common = ["--videos", str(clips), "--methods", "blur,none", "--max_frames", "3", "--no_progress"]
+    main([*common, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "eval.run", *common, "--out", str(tmp_path / "two"),
+                        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("results.csv", "results.md"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert (tmp_path / "two" / "identity_distance.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    rows = _rows(tmp_path / "two" / "results.csv")
+    assert "no face found" in rows[("gradient.mp4", "none")]["error"] and int(rows[("ALL videos", "none")]["frames"]) == 6
