@@ -22,14 +22,12 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from pytorch_lightning import Trainer
 
-from keepr.errors import KeeprError, MissingWeightsError, cli_main
+from keepr.errors import KeeprError, cli_main
+from keepr.registry import missing
 
 # Trainer options this script sets itself (it writes no logs or checkpoints and assigns shards to ranks).
 _TRAINER_FIXED = {"logger", "callbacks", "enable_checkpointing", "use_distributed_sampler", "enable_model_summary",
                   "plugins", "profiler", "model_registry", "limit_predict_batches", "fast_dev_run"}
-WEIGHTS_URL = ("NVlabs' pretrained StyleGAN2 pickles (e.g. https://api.ngc.nvidia.com/v2/models/nvidia/research/"
-               "stylegan2/versions/1/files/stylegan2-ffhq-1024x1024.pkl) or a rosinality .pt; see README.md")
-
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], default_env=False)
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.overwrite and cfg.extend:
         raise KeeprError("--overwrite and --extend exclude each other: --overwrite replaces the set, --extend grows it")
     if not os.path.isfile(cfg.generator):
-        raise MissingWeightsError(cfg.generator, "StyleGAN2 generator", WEIGHTS_URL)
+        raise missing("generator", cfg.generator)
 
     # Everything that can fail on the user's input happens before the output directory is touched.
     from models.stylegan2 import load_generator

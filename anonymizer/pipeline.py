@@ -39,35 +39,25 @@ from anonymizer.settings import (GROUPS, BlendSettings, CoverageSettings, CropSe
                                  TrackSettings, VirtualFaceSettings, parse_face)
 from anonymizer.streams import plan_streams
 from anonymizer.video import VideoReader, VideoWriter, check_encode_settings, plan_timestamps
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
 from keepr.fileio import atomic_dir, sha256_file
 from keepr.precision import autocast, tune_allocator
+from keepr.registry import missing
 
 __all__ = ["InferSettings", "Models", "load_models", "check_model_files", "check_input", "track_faces",
            "virtual_faces", "render_video", "anonymize_video", "Cancelled", "Scan"]
 
 
-def weight_sources() -> dict[str, tuple[str, str]]:
-    """What each model file is and where it comes from (for MissingWeightsError)."""
-    from models.cosegmentation.loader import OFFICIAL_SOURCE
-    from models.encoder import TRAIN_ENCODER_SOURCE
-    from models.stylegan2.loaders import WHERE_TO_GET
-
-    return {
-        "generator": ("StyleGAN2 generator", WHERE_TO_GET),
-        "encoder": ("trained encoder", TRAIN_ENCODER_SOURCE),
-        "cosegmentation": ("co-part segmentation checkpoint", OFFICIAL_SOURCE),
-        "cosegmentation_config": ("co-part segmentation config", "configs/cosegmentation/ in this repository"),
-    }
-
-
 def check_model_files(paths: ModelPaths) -> dict:
     """Every model file must exist: MissingWeightsError naming the first missing one and where to get it."""
     out = {}
-    for key, (what, where) in weight_sources().items():
+    for key in ("generator", "encoder", "cosegmentation", "cosegmentation_config"):
         p = getattr(paths, key)
         if not p or not Path(p).is_file():
-            raise MissingWeightsError(str(p), what, where)
+            if key == "cosegmentation_config":
+                raise KeeprError(f"{p}: co-part segmentation config not found (configs/cosegmentation/ has the "
+                                 "official ones)")
+            raise missing(key, p)
         out[key] = {"path": str(p), "sha256": sha256_file(p)}
     return out
 

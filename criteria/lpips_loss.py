@@ -15,13 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
+from keepr.registry import missing, where
 from keepr.weights import read_state_dict
 
-BACKBONE_URLS = {
-    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision AlexNet, ImageNet)",
-    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth (torchvision VGG16, ImageNet)",
-}
+NETS = ("alex", "vgg")  # the trunks the LPIPS paper calibrated (keepr.registry: lpips_alex, lpips_vgg)
 
 
 class LPIPSLoss(nn.Module):
@@ -32,14 +30,14 @@ class LPIPSLoss(nn.Module):
         net             = "alex",   # "alex" or "vgg" (the trunks the LPIPS paper calibrated).
     ):
         super().__init__()
-        if net not in BACKBONE_URLS:
-            raise KeeprError(f"LPIPS net must be one of {sorted(BACKBONE_URLS)}, got {net!r}")
+        if net not in NETS:
+            raise KeeprError(f"LPIPS net must be one of {list(NETS)}, got {net!r}")
         if backbone_path is None or str(backbone_path) == "":
             raise KeeprError(f"LPIPS loss requested but no backbone weights given: set the {net} ImageNet weights path "
-                             f"(download {BACKBONE_URLS[net]})")
+                             f"(get it from: {where('lpips_' + net)})")
         path = Path(backbone_path)
         if not path.is_file():
-            raise MissingWeightsError(str(path), f"LPIPS {net} backbone", BACKBONE_URLS[net])
+            raise missing(f"lpips_{net}", path)
         import lpips
 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

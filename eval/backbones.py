@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
+from keepr.registry import missing, where
 from keepr.weights import read_state_dict
 
-INCEPTION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth (torchvision Inception-v3, ImageNet)"
-LPIPS_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision AlexNet, ImageNet)"
 UNAVAILABLE_INCEPTION = "unavailable (no weights: pass --inception_weights PATH)"
 UNAVAILABLE_LPIPS = "unavailable (no weights: pass --lpips_weights PATH)"
 
@@ -41,10 +40,10 @@ class InceptionFeatures(nn.Module):
         from torchvision.models import inception_v3
 
         if not weights_path:
-            raise KeeprError(f"Inception weights needed for FID/KID: pass --inception_weights PATH ({INCEPTION_URL})")
+            raise KeeprError(f"Inception weights needed for FID/KID: pass --inception_weights PATH (get it from: {where('inception')})")
         path = Path(weights_path)
         if not path.is_file():
-            raise MissingWeightsError(str(path), "Inception-v3 for FID/KID", INCEPTION_URL)
+            raise missing("inception", path)
         net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
         state = read_state_dict(path, "Inception-v3")
         try:

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
+from keepr.registry import missing, where
 from keepr.weights import read_state_dict
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "ArcFaceRecognizer", "cosine_similarity", "PSP_CROP", "ALIGNED_SIZE",
 ]
 
-WHERE_TO_GET = "TreB1eN/InsightFace_Pytorch (model_ir_se50.pth, as used by pSp/e4e)"
+WHERE_TO_GET = where("arcface")
 WHAT = "ArcFace IR-SE-50 identity network"
 
 # Units per stage for each depth of the reference (50 is the one pSp/e4e use).
@@ -238,7 +239,7 @@ def load_arcface(path: str | os.PathLike, device: str | torch.device = "cpu", **
     """
     p = Path(path)
     if not p.is_file():
-        raise MissingWeightsError(str(path), WHAT, WHERE_TO_GET)
+        raise missing("arcface", path)
     state = read_state_dict(p, WHAT)
     model = load_state(build_arcface(**build_kwargs), state, str(path))
     return model.to(device).eval().requires_grad_(False)

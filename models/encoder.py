@@ -18,15 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
 from keepr.fileio import atomic_path, sha256_file
+from keepr.registry import missing
 
 FORMAT_NAME = "keepr-encoder"
 FORMAT_VERSION = 1
 MODES = ("w", "w+")
-# Where a missing encoder comes from (MissingWeightsError reads "get it from: ..."): it is trained, not downloaded.
-TRAIN_ENCODER_SOURCE = ("a training run of your own (python train_encoder.py fit --config configs/encoder/ffhq256.yaml; "
-                        "see README.md)")
 
 # ----------------------------------------------------------------------------
 
@@ -229,7 +227,7 @@ def read_encoder_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise MissingWeightsError(str(path), "trained encoder", TRAIN_ENCODER_SOURCE)
+        raise missing("encoder", path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -261,9 +259,8 @@ def load_encoder(path: str | os.PathLike, generator_path: str | os.PathLike | No
     if generator_path is not None:
         generator_path = Path(generator_path)
         if not generator_path.is_file():
-            from models.stylegan2.loaders import WHERE_TO_GET
 
-            raise MissingWeightsError(str(generator_path), "StyleGAN2 generator", WHERE_TO_GET)
+            raise missing("generator", generator_path)
         expected = meta["generator"].get("sha256")
         actual = sha256_file(generator_path)
         if actual != expected:

@@ -401,3 +401,15 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path):
         assert list(mnt.iterdir()) == []  # the partial output is gone
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_weight_registry_is_the_readme_table_and_the_messages():
+    from pathlib import Path
+
+    from keepr.registry import WEIGHTS, missing, table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table() in readme
+    for key, w in WEIGHTS.items():
+        msg = str(missing(key, f"weights/{key}.bin"))
+        assert msg == f"missing weights: weights/{key}.bin ({w.what}) not found; get it from: {w.where}"

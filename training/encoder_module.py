@@ -20,8 +20,9 @@ import yaml
 from torchmetrics import CatMetric, MeanMetric
 
 from datasets.pairs import load_manifest
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
 from keepr.fileio import sha256_file
+from keepr.registry import missing
 from keepr.images import to_float_image
 from keepr.weights import torch_load_weights
 from models.encoder import Encoder, save_encoder
@@ -46,9 +47,8 @@ def resolve_generator_path(generator_path: Optional[str], pairs_root: Optional[s
     else:
         raise KeeprError("no generator: give model.generator_path or a pair directory whose manifest.json names one")
     if not path.is_file():
-        from models.stylegan2.loaders import WHERE_TO_GET
 
-        raise MissingWeightsError(str(path), "StyleGAN2 generator", WHERE_TO_GET)
+        raise missing("generator", path)
     if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
         raise KeeprError(f"{path}: generator differs from the one that made the pairs in {pairs_root} "
                          f"(manifest sha256 {recorded['sha256'][:12]}...)")

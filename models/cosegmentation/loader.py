@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
+from keepr.registry import missing
 from keepr.weights import torch_load_weights
 
 from .part_swap import CoPartModel
 
-OFFICIAL_SOURCE = ("the authors' release of AliaksandrSiarohin/motion-cosegmentation (README: vox-5segments, "
-                   "vox-10segments, vox-15segments .pth.tar checkpoints; CC BY-NC 4.0)")
 FOMM_RENAMES = {"kp.": "shift.", "jacobian.": "affine.", "semantic_seg.": "segmentation."}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +112,7 @@ def load_cosegmentation(checkpoint, config, device: str | torch.device = "cpu") 
     """Build the model of ``config`` (official YAML) and fill it from ``checkpoint`` (either layout); eval mode."""
     path = str(checkpoint)
     if not os.path.isfile(path):
-        raise MissingWeightsError(path, f"co-part segmentation checkpoint for {Path(str(config)).name}", OFFICIAL_SOURCE)
+        raise missing("cosegmentation", path, f"co-part segmentation checkpoint for {Path(str(config)).name}")
     model = build_model(config)
     state = checkpoint_state_dict(_read_checkpoint(path), path)
     return load_state(model, state, path).to(device)

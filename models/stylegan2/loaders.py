@@ -21,8 +21,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from keepr.errors import KeeprError, MissingWeightsError
+from keepr.errors import KeeprError
 from keepr.fileio import atomic_path
+from keepr.registry import missing
 from keepr.weights import torch_load_weights
 
 from .networks import Generator, _jsonable
@@ -33,9 +34,6 @@ CONFIG_DIR = ROOT / "configs" / "generator"
 
 KEEPR_FORMAT = "keepr.stylegan2.generator"
 KEEPR_FORMAT_VERSION = "1"
-WHERE_TO_GET = ("NVlabs stylegan2-ada-pytorch releases (ffhq.pkl, "
-                "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/ffhq.pkl) or rosinality "
-                "stylegan2-pytorch (stylegan2-ffhq-config-f.pt)")
 
 _MAPPING_KEYS = {"num_layers", "embed_features", "layer_features", "activation", "lr_multiplier", "w_avg_beta"}
 _SYNTHESIS_KEYS = {"channel_base", "channel_max", "num_fp16_res", "conv_clamp", "architecture", "resample_filter",
@@ -160,7 +158,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingWeightsError(str(path), "StyleGAN2 generator", WHERE_TO_GET)
+        raise missing("generator", path)
     kind = sniff_format(path)
     if kind == "empty":
         raise KeeprError(f"{path}: empty file (an interrupted download?)")
