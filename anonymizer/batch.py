@@ -154,7 +154,7 @@ def output_names(rels: Sequence[str]) -> list[str]:
     return out
 
 
-def _work(path: Path, kind: str) -> float:
+def input_work(path: Path, kind: str) -> float:
     """Frames x pixels of a video from its header (pixels of a photo); 0 when it cannot be read."""
     try:
         if kind == "photo":
@@ -198,7 +198,7 @@ def collect_inputs(inputs: str | os.PathLike, out_dir: str | os.PathLike | None 
     items = []
     for k, ((rel, f), o) in enumerate(zip(rels, outs)):
         kind = "photo" if f.suffix.lower() in PHOTO_SUFFIXES else "video"
-        items.append(Item(k, str(f), rel, o, kind, _work(f, kind) if measure else 0.0))
+        items.append(Item(k, str(f), rel, o, kind, input_work(f, kind) if measure else 0.0))
     return root, items
 
 
