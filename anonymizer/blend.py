@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from anonymizer.faces import border_feather_mask, warp_to_frame
+from anonymizer.geometry import border_feather_mask, warp_to_frame
 
 
 def feather_mask(mask: np.ndarray | None, size: int, dilate: float = 6.0, blur: float = 6.0,

@@ -31,10 +31,14 @@ import cv2
 import numpy as np
 import torch
 
-from anonymizer.faces import detect_faces, to_rgb_uint8
-from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer, descriptor_distance
+from anonymizer.faces import detect_faces
+from anonymizer.identity import (
+    SAME_PERSON_THRESHOLD,
+    FaceRecognizer,
+    descriptor_distance,
+)
 from keepr.errors import KeeprError
-from keepr.images import to_float_image, to_uint8
+from keepr.images import to_float_image, to_rgb_uint8, to_uint8
 
 __all__ = [
     "LAYER_GROUPS", "Candidate", "ws_resolutions", "layer_mask", "estimate_w_spread", "encode_face",

@@ -21,6 +21,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from anonymizer.geometry import compose, invert_affine
+
 
 @dataclass(frozen=True)
 class CropBox:
@@ -56,16 +58,6 @@ def crop_matrix(box: CropBox, size: int) -> np.ndarray:
     return np.array([[s, 0.0, (0.5 - x0) * s - 0.5], [0.0, s, (0.5 - y0) * s - 0.5]], dtype=np.float64)
 
 
-def invert_affine(m: np.ndarray) -> np.ndarray:
-    full = np.vstack([np.asarray(m, dtype=np.float64), [0.0, 0.0, 1.0]])
-    return np.linalg.inv(full)[:2]
-
-
-def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Affine ``a after b`` (apply b, then a)."""
-    return (np.vstack([a, [0, 0, 1]]) @ np.vstack([b, [0, 0, 1]]))[:2]
-
-
 def crop_frame(rgb: np.ndarray, box: CropBox, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut the square ``box`` out of ``rgb`` resized to ``size``; returns (crop uint8 [size,size,3], crop -> frame 2x3).
 
@@ -87,7 +79,7 @@ def crop_frame(rgb: np.ndarray, box: CropBox, size: int) -> tuple[np.ndarray, np
             fx, fy = sw / sub.shape[1], sh / sub.shape[0]
             # small pixel <- frame pixel: x_s = (x - rx0 + 0.5) * fx - 0.5
             to_small = np.array([[fx, 0, (0.5 - rx0) * fx - 0.5], [0, fy, (0.5 - ry0) * fy - 0.5]])
-            warp = _compose(m, invert_affine(to_small))
+            warp = compose(m, invert_affine(to_small))
             crop = cv2.warpAffine(small, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             return crop, invert_affine(m)
     crop = cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
@@ -105,6 +97,6 @@ def crop_aligned(aligned_rgb: np.ndarray, align_matrix: np.ndarray, align_size: 
     f = r / float(align_size)
     rescale = np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5]])  # aligned(align_size) -> aligned(r)
     crop_to_frame = invert_affine(crop_matrix(box, size))
-    crop_to_img = _compose(rescale, _compose(np.asarray(align_matrix, dtype=np.float64), crop_to_frame))
+    crop_to_img = compose(rescale, compose(np.asarray(align_matrix, dtype=np.float64), crop_to_frame))
     return cv2.warpAffine(aligned_rgb, crop_to_img, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)

@@ -1,4 +1,4 @@
-"""Face detection, 68 landmarks, FFHQ-style alignment and the inverse transform for pasting back.
+"""Face detection, 68 landmarks and FFHQ-style alignment (with the inverse transform for pasting back).
 
 Detection uses dlib: the HOG + linear SVM frontal detector by default, or the MMOD CNN detector
 (``detector="cnn"``, slower on CPU, better on rotated and small faces). Landmarks come from dlib's 68-point shape
@@ -13,7 +13,7 @@ small face is mostly interpolation.
 Alignment follows the FFHQ recipe (Karras et al., ffhq-dataset): an oriented square is built from the eye-to-eye and
 eye-to-mouth vectors of the landmarks and mapped onto the output square by one affine transform. The 2x3 matrix
 (image -> aligned) and its inverse are kept so that an aligned crop can be warped back into its frame
-(:func:`paste_back`). The transform is a pure function of the landmarks, so aligning the same photo twice is
+(:func:`anonymizer.blend.paste`). The transform is a pure function of the landmarks, so aligning the same photo twice is
 bit-identical.
 
 Coordinates are pixel centres: pixel (i, j) covers [j-0.5, j+0.5] x [i-0.5, i+0.5]; points are (x, y).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,25 +29,17 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from anonymizer import landmarks as L
+from anonymizer.geometry import invert_affine
 from keepr.errors import KeeprError
+from keepr.images import to_rgb_uint8
 
 __all__ = [
-    "Face", "AlignedFace", "model_path", "load_image", "to_rgb_uint8", "detect_faces", "landmarks_for_box",
-    "select_faces", "find_face", "ffhq_quad", "align_face", "transform_points", "warp_to_frame", "paste_back",
-    "aligned_face_landmarks", "MIN_FACE_HOG_PX",
+    "Face", "AlignedFace", "model_path", "detect_faces", "landmarks_for_box", "select_faces", "find_face",
+    "ffhq_quad", "align_face", "aligned_face_landmarks", "MIN_FACE_HOG_PX",
 ]
 
 MIN_FACE_HOG_PX = 80  # side of dlib's HOG detection window at upsample=0 (halved per upsampling step)
-
-# Indices into dlib's 68-point layout.
-LM_JAW = slice(0, 17)
-LM_BROW_RIGHT = slice(17, 22)   # subject's right = image left
-LM_BROW_LEFT = slice(22, 27)
-LM_NOSE = slice(27, 36)
-LM_EYE_RIGHT = slice(36, 42)    # image-left eye
-LM_EYE_LEFT = slice(42, 48)     # image-right eye
-LM_MOUTH_OUTER = slice(48, 60)
-LM_MOUTH_INNER = slice(60, 68)
 
 _MODEL_FILES = {
     "landmarks68": "shape_predictor_68_face_landmarks.dat",
@@ -93,67 +84,6 @@ def _cnn_detector():
 def _shape_predictor():
     import dlib
     return dlib.shape_predictor(model_path("landmarks68"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-
-
-def to_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Any common image array -> contiguous uint8 RGB [H,W,3].
-
-    Accepts 2-D grayscale, [H,W,1], RGB and RGBA (alpha is dropped: the colour channels are kept as they are),
-    uint8, uint16 (scaled by 1/257), bool and floats in [0,1]. Anything else raises KeeprError.
-    """
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise KeeprError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {tuple(a.shape)}")
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise KeeprError(f"{name}: empty image of shape {tuple(a.shape)}")
-    a = a[:, :, :3]
-    if a.dtype == np.uint8:
-        pass
-    elif a.dtype == np.uint16:
-        a = np.round(a.astype(np.float32) / 257.0).astype(np.uint8)
-    elif a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)):
-            raise KeeprError(f"{name}: image contains NaN or infinite values")
-        a = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
-    else:
-        raise KeeprError(f"{name}: unsupported image dtype {a.dtype}")
-    return np.ascontiguousarray(a)
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as uint8 RGB [H,W,3]; grayscale, RGBA and 16-bit files are converted.
-
-    Raises KeeprError naming the file when it is missing or cannot be decoded. The first frame of an animated
-    GIF is used.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise KeeprError(f"{path}: image file not found")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is not None:
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
-        elif img.ndim == 3 and img.shape[2] == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        return to_rgb_uint8(img, str(path))
-    try:  # formats OpenCV lacks (e.g. GIF in some builds)
-        from PIL import Image
-        with Image.open(path) as im:
-            im.seek(0)
-            return to_rgb_uint8(np.asarray(im.convert("RGB")), str(path))
-    except Exception as exc:  # noqa: BLE001 -- any decoder failure means "unreadable"
-        raise KeeprError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,11 +243,11 @@ def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
     lm = np.asarray(landmarks, dtype=np.float64)
     if lm.shape != (68, 2):
         raise KeeprError(f"expected 68x2 landmarks, got shape {lm.shape}")
-    eye_r = lm[LM_EYE_RIGHT].mean(axis=0)  # image-left eye
-    eye_l = lm[LM_EYE_LEFT].mean(axis=0)   # image-right eye
+    eye_r = lm[L.EYE_RIGHT].mean(axis=0)  # image-left eye
+    eye_l = lm[L.EYE_LEFT].mean(axis=0)   # image-right eye
     eye_avg = 0.5 * (eye_r + eye_l)
     eye_to_eye = eye_l - eye_r
-    mouth = lm[LM_MOUTH_OUTER]
+    mouth = lm[L.MOUTH_OUTER]
     mouth_avg = 0.5 * (mouth[0] + mouth[6])  # mouth corners
     eye_to_mouth = mouth_avg - eye_avg
     # Direction of the crop's x axis: eye-to-eye plus eye-to-mouth rotated by -90 degrees (both point right
@@ -340,19 +270,6 @@ def _quad_matrix(quad: np.ndarray, size: int) -> np.ndarray:
     # Solve [x y 1] M^T = dst exactly (3 points define the affine).
     a = np.concatenate([src, np.ones((3, 1))], axis=1)
     return np.linalg.solve(a, dst).T
-
-
-def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Apply a 2x3 affine to points [...,2] (x, y)."""
-    p = np.asarray(points, dtype=np.float64)
-    m = np.asarray(matrix, dtype=np.float64)
-    return p @ m[:, :2].T + m[:, 2]
-
-
-def _invert(matrix: np.ndarray) -> np.ndarray:
-    m = np.asarray(matrix, dtype=np.float64)
-    full = np.vstack([m, [0.0, 0.0, 1.0]])
-    return np.linalg.inv(full)[:2]
 
 
 def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = 256, border: str = "reflect") -> AlignedFace:
@@ -382,89 +299,10 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = 256, border: 
         # Pixel-centre mapping image -> shrunk image: x' = (x + 0.5) * sw / w - 0.5.
         fx, fy = sw / w, sh / h
         to_small = np.array([[fx, 0, 0.5 * fx - 0.5], [0, fy, 0.5 * fy - 0.5]])
-        warp = matrix @ np.vstack([_invert(to_small), [0, 0, 1]])
+        warp = matrix @ np.vstack([invert_affine(to_small), [0, 0, 1]])
     img = cv2.warpAffine(src, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=borders[border],
                          borderValue=(0, 0, 0))
-    return AlignedFace(image=np.ascontiguousarray(img), matrix=matrix, inverse=_invert(matrix), quad=quad, size=size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Back into the frame
-
-
-def _crop_region(inverse: np.ndarray, crop_hw: tuple[int, int], frame_hw: tuple[int, int], pad: int = 2):
-    """Integer bounding box (x0, y0, x1, y1) in the frame of the crop's footprint, clipped; None if outside."""
-    ch, cw = crop_hw
-    corners = np.array([[-0.5, -0.5], [-0.5, ch - 0.5], [cw - 0.5, ch - 0.5], [cw - 0.5, -0.5]])
-    pts = transform_points(corners, inverse)
-    h, w = frame_hw
-    x0 = max(0, int(np.floor(pts[:, 0].min())) - pad)
-    y0 = max(0, int(np.floor(pts[:, 1].min())) - pad)
-    x1 = min(w, int(np.ceil(pts[:, 0].max())) + pad + 1)
-    y1 = min(h, int(np.ceil(pts[:, 1].max())) + pad + 1)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    return x0, y0, x1, y1
-
-
-def warp_to_frame(crop: np.ndarray, inverse: np.ndarray, frame_hw: tuple[int, int],
-                  interpolation: int = cv2.INTER_LINEAR):
-    """Warp an aligned crop (any channels/dtype cv2 supports) back into frame coordinates.
-
-    Returns (patch, region): ``patch`` is the warped crop over ``region`` = (x0, y0, x1, y1) of the frame only
-    (the crop's footprint, clipped), which keeps this cheap on large frames; (None, None) if the crop lies
-    outside the frame. Outside the crop's footprint the patch is 0.
-    """
-    region = _crop_region(inverse, crop.shape[:2], frame_hw)
-    if region is None:
-        return None, None
-    x0, y0, x1, y1 = region
-    shift = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0]])
-    m = shift @ np.vstack([np.asarray(inverse, dtype=np.float64), [0, 0, 1]])
-    patch = cv2.warpAffine(crop, m, (x1 - x0, y1 - y0), flags=interpolation, borderMode=cv2.BORDER_CONSTANT,
-                           borderValue=0)
-    return patch, region
-
-
-def paste_back(frame: np.ndarray, crop: np.ndarray, inverse: np.ndarray, mask: np.ndarray | None = None,
-               feather: float = 0.05) -> np.ndarray:
-    """Blend an aligned crop back into a copy of ``frame`` through the inverse alignment transform.
-
-    frame:   uint8 RGB [H,W,3]; crop: uint8 RGB [S,S,3] in aligned coordinates; inverse: 2x3 crop -> frame.
-    mask:    float [S,S] in [0,1] in aligned coordinates saying where the crop replaces the frame; default is the
-             whole crop with a feathered border of ``feather * S`` pixels (so no hard seam at the crop edge).
-    Returns a new uint8 RGB frame; pixels outside the warped mask are unchanged.
-    """
-    frame = to_rgb_uint8(frame, "frame")
-    crop = to_rgb_uint8(crop, "crop")
-    s = crop.shape[0]
-    if crop.shape[1] != s:
-        raise KeeprError(f"aligned crop must be square, got {crop.shape[:2]}")
-    if mask is None:
-        mask = border_feather_mask(s, feather)
-    mask = np.asarray(mask, dtype=np.float32)
-    if mask.shape != (s, s):
-        raise KeeprError(f"mask shape {mask.shape} does not match the crop ({s}x{s})")
-    out = frame.copy()
-    patch, region = warp_to_frame(crop, inverse, frame.shape[:2])
-    if patch is None:
-        return out
-    alpha, _ = warp_to_frame(np.clip(mask, 0.0, 1.0), inverse, frame.shape[:2])
-    x0, y0, x1, y1 = region
-    a = alpha[:, :, None]
-    dst = out[y0:y1, x0:x1].astype(np.float32)
-    blended = dst * (1.0 - a) + patch.astype(np.float32) * a
-    out[y0:y1, x0:x1] = np.where(a > 0, np.clip(np.round(blended), 0, 255), dst).astype(np.uint8)
-    return out
-
-
-def border_feather_mask(size: int, feather: float = 0.05) -> np.ndarray:
-    """float32 [size,size] mask: 1 inside, falling linearly to 0 over ``feather * size`` px at the border."""
-    ramp = max(1.0, feather * size)
-    c = np.arange(size, dtype=np.float32)
-    d = np.minimum(c + 0.5, size - 0.5 - c)  # distance from the nearest edge
-    r = np.clip(d / ramp, 0.0, 1.0)
-    return np.minimum(r[:, None], r[None, :]).astype(np.float32)
+    return AlignedFace(image=np.ascontiguousarray(img), matrix=matrix, inverse=invert_affine(matrix), quad=quad, size=size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import functools
 
 import numpy as np
 
-from anonymizer.faces import Face, detect_faces, model_path, to_rgb_uint8
+from anonymizer.faces import Face, detect_faces, model_path
+from keepr.images import to_rgb_uint8
 
 __all__ = ["SAME_PERSON_THRESHOLD", "FaceRecognizer", "descriptor_distance"]
 

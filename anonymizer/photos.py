@@ -77,7 +77,8 @@ _NEUTRAL = {"progress", "strict"}
 def load_models(paths, device: str = "cpu"):
     """The pipeline's models (``anonymizer.pipeline.load_models``) after checking that every file exists
     (MissingWeightsError naming the first missing one and where to get it)."""
-    from anonymizer.pipeline import check_model_files, load_models as _load
+    from anonymizer.pipeline import check_model_files
+    from anonymizer.pipeline import load_models as _load
 
     check_model_files(paths)
     return _load(paths, device)
@@ -167,8 +168,17 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
     import cv2
     import torch
 
-    from anonymizer.candidates import (Candidate, _device_of, _noise, candidate_grid, estimate_w_spread,
-                                       guard_descriptor, identity_check, layer_mask, synthesize)
+    from anonymizer.candidates import (
+        Candidate,
+        _device_of,
+        _noise,
+        candidate_grid,
+        estimate_w_spread,
+        guard_descriptor,
+        identity_check,
+        layer_mask,
+        synthesize,
+    )
     from anonymizer.faces import align_face
     from anonymizer.virtual_face import VirtualFace, _tone, choose_candidate
 
@@ -479,7 +489,7 @@ def anonymize_image(image_rgb: np.ndarray, settings: InferSettings, models, name
     ``persons``: per face its box, whether chosen, its virtual face's report (seed, chosen candidate, candidate
     distances); ``coverage``: per face what was done; ``complete``; ``timing_ms``). ``name`` seeds the candidates
     (:func:`face_seed`). Raises KeeprError for bad settings or an impossible ``--face`` choice."""
-    from anonymizer.faces import to_rgb_uint8
+    from keepr.images import to_rgb_uint8
 
     validate_settings(settings)
     image = to_rgb_uint8(image_rgb)

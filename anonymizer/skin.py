@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from anonymizer.faces import aligned_face_landmarks, to_rgb_uint8
+from anonymizer import landmarks as L
+from anonymizer.faces import aligned_face_landmarks
 from keepr.errors import KeeprError
+from keepr.images import to_rgb_uint8
 
 __all__ = [
     "SkinTone", "rgb_to_hsv", "hsv_to_rgb", "skin_region_mask", "plausible_skin", "skin_mask",
@@ -97,19 +99,19 @@ def skin_region_mask(shape: tuple[int, int], landmarks: np.ndarray, forehead: fl
     if lm.shape != (68, 2):
         raise KeeprError(f"expected 68x2 landmarks, got shape {lm.shape}")
     h, w = shape[:2]
-    brows = lm[17:27]
-    chin = lm[8]
+    brows = lm[L.BROWS]
+    chin = lm[L.CHIN]
     up = brows.mean(axis=0) - chin
     lifted = brows + forehead * up
     region = np.zeros((h, w), np.uint8)
-    hull = cv2.convexHull(np.round(np.concatenate([lm[0:17], lifted])).astype(np.int32))
+    hull = cv2.convexHull(np.round(np.concatenate([lm[L.JAW], lifted])).astype(np.int32))
     cv2.fillConvexPoly(region, hull, 1)
     face_size = max(np.hypot(*up), 1.0)
     margin = max(1, int(round(0.03 * face_size)))
     holes = np.zeros((h, w), np.uint8)
-    for sl in (slice(36, 42), slice(42, 48), slice(48, 60)):
+    for sl in (L.EYE_RIGHT, L.EYE_LEFT, L.MOUTH_OUTER):
         cv2.fillConvexPoly(holes, cv2.convexHull(np.round(lm[sl]).astype(np.int32)), 1)
-    for sl in (slice(17, 22), slice(22, 27)):
+    for sl in (L.BROW_RIGHT, L.BROW_LEFT):
         cv2.polylines(holes, [np.round(lm[sl]).astype(np.int32)], False, 1, thickness=max(2, 2 * margin))
     holes = cv2.dilate(holes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)))
     return (region & (1 - holes)).astype(np.uint8)

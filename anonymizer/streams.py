@@ -21,7 +21,6 @@ in file order, alongside the video being written, so memory stays bounded.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 

@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from anonymizer import landmarks as L
+
 STATUSES = ("detected", "interpolated", "held", "lost")
 
 
@@ -45,7 +47,7 @@ def frontalness(landmarks: np.ndarray | None) -> float:
     if landmarks is None:
         return 0.5
     lm = np.asarray(landmarks, dtype=np.float64)
-    nose, eye_r, eye_l = lm[30], lm[36], lm[45]
+    nose, eye_r, eye_l = lm[L.NOSE_TIP], lm[L.EYE_RIGHT_OUTER], lm[L.EYE_LEFT_OUTER]
     d_r, d_l = np.hypot(*(nose - eye_r)), np.hypot(*(nose - eye_l))
     return float(1.0 - abs(d_r - d_l) / max(d_r + d_l, 1e-6))
 

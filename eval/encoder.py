@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from keepr.images import to_float_image, to_uint8  # noqa: E402
 from keepr.errors import KeeprError, cli_main  # noqa: E402
 from keepr.fileio import atomic_path, write_text_atomic  # noqa: E402
+from keepr.images import to_float_image, to_uint8  # noqa: E402
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "media" / "photos"
@@ -131,8 +131,9 @@ def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = Non
                     arcface=None):
     """Per photo: align, encode, re-synthesise, dlib identity distance (None with a reason when not computable) and,
     with ``arcface`` (a :class:`models.arcface.ArcFaceRecognizer`), the ArcFace identity similarity."""
-    from anonymizer.faces import align_face, detect_faces, load_image
+    from anonymizer.faces import align_face, detect_faces
     from anonymizer.identity import SAME_PERSON_THRESHOLD, descriptor_distance
+    from keepr.images import load_image
 
     rows, examples = [], []
     for path in photo_paths:

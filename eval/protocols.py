@@ -310,7 +310,8 @@ def keepr_anonymizer(options: dict | None = None, device: str = "cpu") -> Anonym
     settings.progress = False
     loader = getattr(photos, "load_models", None)
     if loader is None:
-        from anonymizer.pipeline import check_model_files, load_models as loader
+        from anonymizer.pipeline import check_model_files
+        from anonymizer.pipeline import load_models as loader
 
         check_model_files(settings.models)
     models = loader(settings.models, device)
@@ -324,8 +325,8 @@ def keepr_anonymizer(options: dict | None = None, device: str = "cpu") -> Anonym
 
 def pixel_anonymizer(method: str, margin: float = 0.2, detector: str = "hog", upsample: int = 1) -> Anonymizer:
     """``rgb -> (rgb, info)`` applying ``method`` to every face dlib finds (info: {"faces": count})."""
-    from anonymizer.fallback import apply_region
     from anonymizer.faces import detect_faces
+    from anonymizer.fallback import apply_region
 
     def run(rgb: np.ndarray, faces=None) -> tuple[np.ndarray, dict]:
         faces = detect_faces(rgb, detector, upsample) if faces is None else faces
@@ -392,7 +393,7 @@ def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, la
     ``anonymizer`` overrides the method's own (``rgb -> (rgb, info)``); ``arcface_recognizer`` gives an
     :class:`models.arcface.ArcFaceRecognizer` instead of a weights path (both for tests and callers that hold one).
     """
-    from anonymizer.faces import load_image
+    from keepr.images import load_image
 
     pairs_name = str(pairs) if isinstance(pairs, (str, Path)) else "<pairs>"
     pair_list = parse_pairs(pairs) if isinstance(pairs, (str, Path)) else list(pairs)

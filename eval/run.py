@@ -340,7 +340,7 @@ def arcface_similarity(path: str, anonymized, reference: list[M.FaceMeasurement]
 
 def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer, progress: bool = True) -> dict[Path, M.FaceMeasurement]:
     """The largest face of every photo (photos without a face are left out)."""
-    from anonymizer.faces import load_image
+    from keepr.images import load_image
 
     out = {}
     it = tqdm(paths, desc="describe photos", leave=False, unit="photo") if progress else paths
@@ -354,7 +354,7 @@ def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer, progress: b
 def evaluate_photos(paths: Sequence[Path], described: dict[Path, M.FaceMeasurement], settings: EvalSettings,
                     measurer: M.FaceMeasurer) -> dict[str, dict]:
     """Per method: anonymize each London neutral probe and find its nearest gallery photo (all other photos)."""
-    from anonymizer.faces import load_image
+    from keepr.images import load_image
 
     probes = [p for p in described if LONDON_NAME.match(p.stem) and p.stem.endswith("_neutral")]
     probes = [p for p in probes if any(photo_identity(q) == photo_identity(p) and q != p for q in described)]

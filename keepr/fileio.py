@@ -34,7 +34,6 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 from pathlib import Path
 from typing import Callable, Iterator
 

@@ -13,8 +13,15 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 
 from keepr.errors import KeeprError, MissingWeightsError
-from models.arcface import (WHERE_TO_GET, ArcFaceRecognizer, _adaptive_avg_pool_matrix, arcface_input,
-                            build_arcface, load_arcface, load_state)
+from models.arcface import (
+    WHERE_TO_GET,
+    ArcFaceRecognizer,
+    _adaptive_avg_pool_matrix,
+    arcface_input,
+    build_arcface,
+    load_arcface,
+    load_state,
+)
 
 OUTPUTS = ["input_layer", "stage1", "stage2", "stage3", "stage4", "embedding_prenorm", "embedding"]
 
@@ -178,7 +185,8 @@ def test_psp_preprocessing_matches_its_description():
 
 
 def test_recognizer_on_a_photo(narrow, fixtures_dir):
-    from anonymizer.faces import detect_faces, load_image
+    from anonymizer.faces import detect_faces
+    from keepr.images import load_image
 
     rec = ArcFaceRecognizer(model=narrow)
     rgb = load_image(fixtures_dir.parents[1] / "data" / "gallery" / "london" / "001_neutral.jpg")
@@ -198,9 +206,9 @@ def test_eval_run_arcface_column(narrow, fixtures_dir, monkeypatch, tmp_path, ca
     """eval.run --arcface: identity similarity of original and anonymized face, aligned alike; missing weights fail
     at once with a one-line error."""
     from anonymizer.fallback import apply_region
-    from anonymizer.faces import load_image
     from eval import metrics as M
     from eval import run as R
+    from keepr.images import load_image
 
     monkeypatch.setattr(R, "_arcface", lambda path: ArcFaceRecognizer(model=narrow))
     frame = load_image(fixtures_dir.parents[1] / "data" / "gallery" / "london" / "002_neutral.jpg")
@@ -226,8 +234,9 @@ def test_eval_encoder_arcface(narrow, fixtures_dir, tmp_path, capsys):
     """eval.encoder --arcface: pSp's identity similarity of an aligned photo and its re-synthesis (any resolution)."""
     import cv2
 
-    from anonymizer.faces import align_face, detect_faces, load_image
+    from anonymizer.faces import align_face, detect_faces
     from eval import encoder as E
+    from keepr.images import load_image
 
     rec = ArcFaceRecognizer(model=narrow)
     rgb = load_image(fixtures_dir.parents[1] / "data" / "gallery" / "london" / "003_neutral.jpg")

@@ -11,7 +11,7 @@ from keepr.errors import KeeprError
 
 @pytest.fixture(scope="module")
 def photo(media_dir):
-    from anonymizer.faces import load_image
+    from keepr.images import load_image
 
     return load_image(media_dir / "photos" / "london_512" / "002_neutral.jpg")
 

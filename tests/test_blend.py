@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from anonymizer.blend import feather_mask, paste
-from anonymizer.crop import CropBox, crop_aligned, crop_box, crop_frame, crop_matrix, invert_affine
+from anonymizer.crop import CropBox, crop_aligned, crop_box, crop_frame, crop_matrix
+from anonymizer.geometry import invert_affine
 
 
 def test_crop_box_rule():
@@ -40,7 +41,8 @@ def test_crop_frame_downscales_large_squares_without_aliasing():
 
 
 def test_crop_aligned_matches_frame_crop(media_dir):
-    from anonymizer.faces import align_face, find_face, load_image
+    from anonymizer.faces import align_face, find_face
+    from keepr.images import load_image
 
     img = load_image(media_dir / "photos" / "london_512" / "001_neutral.jpg")
     face = find_face(img, upsample=0)

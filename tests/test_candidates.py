@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from anonymizer.candidates import (
-    Candidate, candidate_grid, encode_face, estimate_w_spread, identity_check, layer_mask, make_candidates,
-    synthesize, ws_resolutions,
+    Candidate,
+    candidate_grid,
+    encode_face,
+    estimate_w_spread,
+    identity_check,
+    layer_mask,
+    make_candidates,
+    synthesize,
+    ws_resolutions,
 )
-from anonymizer.faces import align_face, detect_faces, load_image
+from anonymizer.faces import align_face, detect_faces
 from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer
 from keepr.errors import KeeprError
+from keepr.images import load_image
 
 SPREAD_SAMPLES = 2000  # enough for the tiny generator's spread, fast on 2 cores
 

@@ -1,15 +1,24 @@
-"""Face loading, detection, selection, FFHQ alignment and pasting back, on the bundled real photos."""
+"""Face loading, detection, selection, FFHQ alignment and pasting an aligned crop back, on the bundled real photos."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
+from anonymizer.blend import paste
 from anonymizer.faces import (
-    AlignedFace, Face, align_face, aligned_face_landmarks, border_feather_mask, detect_faces, ffhq_quad, find_face,
-    load_image, paste_back, select_faces, to_rgb_uint8, transform_points,
+    AlignedFace,
+    Face,
+    align_face,
+    aligned_face_landmarks,
+    detect_faces,
+    ffhq_quad,
+    find_face,
+    select_faces,
 )
+from anonymizer.geometry import border_feather_mask, transform_points
 from keepr.errors import KeeprError
+from keepr.images import load_image, to_rgb_uint8
 
 PEOPLE = [f"{i:03d}_{e}" for i in range(1, 6) for e in ("neutral", "smiling")]
 
@@ -256,10 +265,10 @@ def test_align_face_outside_frame(photos, detections):
 # Pasting back
 
 
-def test_paste_back_reconstructs_and_keeps_outside(photos, detections):
+def test_paste_of_an_aligned_crop_reconstructs_and_keeps_outside(photos, detections):
     rgb, f = photos["003_smiling"], detections["003_smiling"][0]
     a = align_face(rgb, f.landmarks, 512)  # about the face's own scale, so little resampling loss
-    out = paste_back(rgb, a.image, a.inverse)
+    out = paste(rgb, a.image, a.inverse, border_feather_mask(512, 0.05))  # the pipeline's paste, aligned crops too
     assert out.shape == rgb.shape and out.dtype == np.uint8
     x0, y0, x1, y1 = f.box
     diff = np.abs(out[y0:y1, x0:x1].astype(int) - rgb[y0:y1, x0:x1].astype(int))
@@ -271,15 +280,15 @@ def test_paste_back_reconstructs_and_keeps_outside(photos, detections):
     assert np.array_equal(out[foot == 0], rgb[foot == 0])
 
 
-def test_paste_back_mask(photos, detections):
+def test_paste_of_an_aligned_crop_follows_the_mask(photos, detections):
     rgb, f = photos["004_neutral"], detections["004_neutral"][0]
     a = align_face(rgb, f.landmarks, 256)
     red = np.zeros_like(a.image)
     red[..., 0] = 255
-    assert np.array_equal(paste_back(rgb, red, a.inverse, mask=np.zeros((256, 256), np.float32)), rgb)
+    assert np.array_equal(paste(rgb, red, a.inverse, np.zeros((256, 256), np.float32)), rgb)
     mask = np.zeros((256, 256), np.float32)
     mask[96:160, 96:160] = 1.0
-    out = paste_back(rgb, red, a.inverse, mask=mask)
+    out = paste(rgb, red, a.inverse, mask)
     centre = np.round(transform_points(np.array([[128.0, 128.0]]), a.inverse)[0]).astype(int)
     assert tuple(out[centre[1], centre[0]]) == (255, 0, 0)
     changed = np.any(out != rgb, axis=2)

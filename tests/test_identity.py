@@ -4,8 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anonymizer.faces import align_face, detect_faces, load_image
-from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer, descriptor_distance
+from anonymizer.faces import align_face, detect_faces
+from anonymizer.identity import (
+    SAME_PERSON_THRESHOLD,
+    FaceRecognizer,
+    descriptor_distance,
+)
+from keepr.images import load_image
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ IDS = ("001", "002", "003", "004", "005")
 
 @pytest.fixture(scope="module")
 def london(media_dir):
-    from anonymizer.faces import load_image
+    from keepr.images import load_image
 
     root = media_dir / "photos" / "london_512"
     return {(i, e): load_image(root / f"{i}_{e}.jpg") for i in IDS for e in ("neutral", "smiling")}
@@ -35,6 +35,7 @@ def measured(london, measurer):
 def test_descriptor_equals_dlib_own_computation(london, measured):
     """The measured descriptor is exactly what dlib computes from its own detector + 68-point predictor."""
     import dlib
+
     from anonymizer.faces import model_path
 
     detector = dlib.get_frontal_face_detector()

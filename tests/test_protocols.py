@@ -127,8 +127,9 @@ def test_tpr_rule_by_hand():
 @pytest.fixture(scope="module")
 def direct(small_pairs, gallery):
     """dlib descriptors of the original photos and the largest detected face, computed without eval.protocols."""
-    from anonymizer.faces import detect_faces, load_image
+    from anonymizer.faces import detect_faces
     from anonymizer.identity import FaceRecognizer
+    from keepr.images import load_image
 
     rec = FaceRecognizer()
     images = {}
@@ -261,8 +262,8 @@ def test_keepr_method_needs_the_photo_pipeline(small_pairs, gallery, monkeypatch
 def test_keepr_method_calls_anonymize_image(small_pairs, gallery, monkeypatch):
     """The contract with the photo pipeline: load_models(settings.models, device) once, then
     anonymize_image(image_rgb, settings, models) -> (image_rgb, info) per first photo."""
-    from anonymizer.fallback import apply_region
     from anonymizer.faces import detect_faces
+    from anonymizer.fallback import apply_region
 
     calls = {"load": [], "anonymize": 0}
     fake = types.ModuleType("anonymizer.photos")
@@ -336,9 +337,9 @@ def test_keepr_method_with_the_tiny_models(gallery, tiny_models, tmp_path, capsy
     assert d["reference"]["no_face"] == 0 and 0.0 <= d["auc"] <= 1.0
     assert "| dlib ResNet | keepr |" in (out / "verification.md").read_text()
     # The first photos were anonymized with the same settings and models the API gives.
-    from anonymizer.faces import load_image
     from anonymizer.photos import anonymize_image, load_models
     from eval.baselines import keepr_settings
+    from keepr.images import load_image
 
     s = keepr_settings({"config": str(tiny_models["config"]), "seed": 1})
     rgb = load_image(P.photo_path(gallery, IDS[0], 1, "london"))

@@ -5,12 +5,21 @@ import cv2
 import numpy as np
 import pytest
 
-from anonymizer.faces import align_face, aligned_face_landmarks, detect_faces, load_image
+from anonymizer.faces import align_face, aligned_face_landmarks, detect_faces
 from anonymizer.skin import (
-    SkinTone, dominant_skin_tone, hsv_to_rgb, hue_difference, match_skin_tone, plausible_skin, rgb_to_hsv,
-    skin_mask, skin_region_mask, transfer_tone,
+    SkinTone,
+    dominant_skin_tone,
+    hsv_to_rgb,
+    hue_difference,
+    match_skin_tone,
+    plausible_skin,
+    rgb_to_hsv,
+    skin_mask,
+    skin_region_mask,
+    transfer_tone,
 )
 from keepr.errors import KeeprError
+from keepr.images import load_image
 
 SIZE = 256
 
