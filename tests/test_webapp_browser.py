@@ -1,6 +1,6 @@
 """The web app end to end in a real browser: Playwright for Python driving Debian's chromium (no browser download).
 
-Uploads the bundled GRID clip, ticks the person, picks candidate 3, unticks one part, runs, waits for the result,
+Drops a text file on the page (a message, no job), uploads the bundled GRID clip, ticks the person, picks candidate 3, unticks one part, runs, waits for the result,
 downloads anonymized.mp4 and checks it against the input; fails if the page asks for anything outside the app's
 own server. A screenshot of each step goes to the test's temporary directory (and to $KEEPR_WEBAPP_SCREENSHOTS when
 set: that is how docs/webapp/*.png are made).
@@ -104,6 +104,8 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         browser = pw.chromium.launch(executable_path=chromium, args=ARGS, headless=True)
         context = browser.new_context(viewport={"width": 1000, "height": 900}, accept_downloads=True)
         page = context.new_page()
+        page.set_default_timeout(60_000)  # 2 shared cores: be patient with the page, strict with the result
+        expect.set_options(timeout=30_000)
 
         def guard(route):
             if route.request.url.startswith(base + "/") or route.request.url.startswith("data:"):
@@ -113,7 +115,8 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
                 route.abort()
 
         context.route("**/*", guard)
-        page.on("request", lambda r: None if r.url.startswith((base + "/", "data:", "blob:")) else outside.append(r.url))
+        own = (base + "/", "data:", "blob:")
+        page.on("request", lambda r: None if r.url.startswith(own) else outside.append(r.url))
         page.on("requestfailed", lambda r: failed.append(f"{r.url} {r.failure}"))
         page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
 
@@ -127,6 +130,16 @@ def test_browser_end_to_end(chromium, server, tmp_path, media_dir):
         expect(page.locator("#banner")).to_contain_text("tiny")
 
         shot("0-start.png", "body")
+        # A file dropped on the page that is no video: a message, no stack trace, no job.
+        page.evaluate("""() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(['not a video'], 'notes.mp4', {type: 'video/mp4'}));
+            document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true,
+                                                                                  cancelable: true}));
+        }""")
+        expect(page.locator("#error")).to_contain_text("not a video")
+        assert "Traceback" not in page.locator("#error").inner_text()
+        assert list(config.work_dir.iterdir()) == []
         # 1. Upload (file picker); the MPEG-1 original becomes playable as an H.264 copy.
         page.set_input_files("#file-input", str(src))
         person = page.locator('#persons input[data-person="0"]')

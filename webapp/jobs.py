@@ -164,7 +164,7 @@ class _PreviewTee(VideoReader):
     """The job's reader, whose pass also writes a browser-playable H.264/AAC copy (``preview.mp4``) of the
     upload, so the page can play an original the browser cannot (MPEG-1, AVI...) without a second decode."""
 
-    def __init__(self, reader: VideoReader, job: Job):  # noqa: super().__init__ would probe the file again
+    def __init__(self, reader: VideoReader, job: Job):  # not super().__init__: that would probe the file again
         self.__dict__.update(reader.__dict__)
         self._job = job
 

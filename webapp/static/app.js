@@ -41,7 +41,8 @@ async function api(method, url, body) {
 function showError(msg) { const e = $('#error'); e.textContent = msg; e.hidden = false; }
 function clearError() { $('#error').hidden = true; $('#error').textContent = ''; }
 function setStatus(html) { $('#status').innerHTML = html; }
-const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
+const ESC = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' };
+const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ESC[c]);
 
 function fmtTime(s) {
   if (s === null || s === undefined || !isFinite(s)) return '?';
@@ -163,7 +164,10 @@ async function poll() {
   } catch (e) {
     if (id !== S.id) return;
     showError(e.message);
-    if (/unknown job/.test(e.message)) { S.id = null; $('#cancel').hidden = true; $('#restart').hidden = false; return; }
+    if (/unknown job/.test(e.message)) {
+      S.id = null; $('#cancel').hidden = true; $('#restart').hidden = false;
+      return;
+    }
   }
   const j = S.job;
   const active = j && !['done', 'failed', 'cancelled'].includes(j.state);
@@ -353,7 +357,8 @@ function updateVirtual(job) {
       const cells = el('div', { class: 'cells' });
       for (const c of p.candidates) {
         const d = c.distance === null ? 'no face' : `d = ${c.distance.toFixed(2)}`;
-        const label = `Candidate ${c.index}: ${c.status === 'no face' ? 'no face' : `distance ${c.distance.toFixed(2)}`}` +
+        const what = c.status === 'no face' ? 'no face' : `distance ${c.distance.toFixed(2)}`;
+        const label = `Candidate ${c.index}: ${what}` +
           (c.status === 'rejected' ? ' (too close: rejected by the guard)' : '');
         cells.append(el('button', {
           type: 'button', class: 'cell', 'data-candidate': c.index, title: label, 'aria-label': label,
@@ -374,7 +379,8 @@ function updateVirtual(job) {
     const side = el('div', { class: 'vside' });
     if (p.overlay) {
       const c = p.candidates.find((x) => x.index === p.chosen);
-      const d = !c ? '' : c.distance === null ? ' (no face found in it by dlib)' : ` (distance ${c.distance.toFixed(2)})`;
+      const d = !c ? '' : c.distance === null ? ' (no face found in it by dlib)'
+        : ` (distance ${c.distance.toFixed(2)})`;
       side.append(el('p', { class: 'chosen-text' }, el('b', { text: `Candidate ${p.chosen}` }), d),
         el('img', { src: p.overlay, alt: `Co-part segmentation of the chosen face of person ${p.id}, parts numbered`,
                     width: 384, height: 384, class: 'overlay' }),
