@@ -1,9 +1,9 @@
 """The web app end to end in a real browser: Playwright for Python driving Debian's chromium (no browser download).
 
-Drops a text file on the page (a message, no job), uploads the bundled GRID clip, ticks the person, picks candidate 3, unticks one part, runs, waits for the result,
-downloads anonymized.mp4 and checks it against the input; fails if the page asks for anything outside the app's
-own server. A screenshot of each step goes to the test's temporary directory (and to $KEEPR_WEBAPP_SCREENSHOTS when
-set: that is how docs/webapp/*.png are made).
+Drops a text file on the page (a message, no job), uploads the bundled GRID clip, ticks the person, picks candidate
+3, unticks one part, runs, waits for the result, downloads anonymized.mp4 and checks it against the input; fails if
+the page asks for anything outside the app's own server. A screenshot of each step goes to the test's temporary
+directory (and to $KEEPR_WEBAPP_SCREENSHOTS when set: that is how docs/webapp/*.png are made).
 
 Chromium: /usr/bin/chromium; when missing and running as root, installed with apt-get (package ``chromium``);
 otherwise the test is skipped naming the package, except under CI=true where a missing browser fails.
