@@ -236,6 +236,7 @@ def validate_settings(s) -> None:
     p.integer("encode.crf", e.crf, 0, 51)
     p.choice("encode.preset", e.preset, X264_PRESETS)
     p.choice("encode.audio", e.audio, AUDIO_MODES)
+    p.integer("encode.threads", e.threads, 0, 64, what=" (x264 threads; 0 lets x264 decide)")
 
     # models: paths must be given (their existence is check_model_files')
     for key in ("generator", "encoder", "cosegmentation", "cosegmentation_config"):

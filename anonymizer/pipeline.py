@@ -230,7 +230,7 @@ def render_video(checked: CheckedInput, out_dir: str | os.PathLike, scan: Scan, 
         out_video = tmp / "anonymized.mp4"
         with VideoWriter(out_video, reader.width, reader.height, reader.fps, time_base=tb_out,
                          start_time=reader.start_time, crf=s.encode.crf, preset=s.encode.preset,
-                         plan=checked.plan) as writer:
+                         threads=s.encode.threads, plan=checked.plan) as writer:
             render(reader, writer, scan, targets, others, pts_out, s, img_size, ctx, tally, watch=watch,
                    progress=progress, cancel=cancel)
         if reader.truncation and not truncated:

@@ -87,6 +87,7 @@ class EncodeSettings:
     crf: int = 18  # x264 quality
     preset: str = "medium"  # x264 speed
     audio: str = "copy"  # 'copy' (unchanged where mp4 can hold it, else AAC), 'aac' (re-encode) or 'none'
+    threads: int = 2  # x264 threads, fixed so the same input gives the same bytes on any machine (0 = x264 decides)
 
 
 @dataclass

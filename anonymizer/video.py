@@ -379,6 +379,7 @@ class VideoWriter:
         crf: int = 18,  # x264 quality (0 = lossless, 18 ~ visually lossless)
         preset: str = "medium",  # x264 speed/size trade-off
         audio: str = "copy",  # 'copy' | 'aac' | 'none' (used only when no plan is given)
+        threads: int = 2,  # x264 threads: fixed, so the bitstream is the same on every machine (0 = x264 decides)
         plan: StreamPlan | None = None,
     ):
         if audio not in AUDIO_MODES:
@@ -405,7 +406,7 @@ class VideoWriter:
             self.stream.width, self.stream.height = self.width, self.height
             self.stream.pix_fmt = self.pix_fmt
             self.stream.codec_context.time_base = self.time_base
-            self.stream.options = {"crf": str(int(crf)), "preset": preset}
+            self.stream.options = {"crf": str(int(crf)), "preset": preset, "threads": str(int(threads))}
             self.stream.codec_context.open()  # the video encoder first, so its errors are not blamed on audio
         except (av.error.FFmpegError, ValueError) as exc:
             self._abort()

@@ -145,7 +145,7 @@ class IdentityLeakage(Metric):
     full_state_update = False
 
     def __init__(self, thresholds: Sequence[float] = (SAME_PERSON_THRESHOLD, STRICT_THRESHOLD), **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False, **kwargs})  # a clip's metric is that clip's, on any rank
         self.thresholds = tuple(float(t) for t in thresholds)
         self.add_state("distances", default=[], dist_reduce_fx="cat")  # NaN where the anonymized face is missing
 
@@ -183,7 +183,7 @@ class ReIdentification(Metric):
     full_state_update = False
 
     def __init__(self, gallery, labels: Sequence[str], threshold: float = SAME_PERSON_THRESHOLD, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False, **kwargs})  # a clip's metric is that clip's, on any rank
         gallery = np.asarray(gallery, dtype=np.float64)
         if gallery.ndim != 2 or gallery.shape[1] != DESCRIPTOR_DIM or len(gallery) != len(labels) or len(labels) == 0:
             raise ValueError(f"gallery must be [G,{DESCRIPTOR_DIM}] with G labels, got {gallery.shape} and {len(labels)}")
@@ -231,7 +231,7 @@ class DetectionRate(Metric):
     full_state_update = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False, **kwargs})  # a clip's metric is that clip's, on any rank
         self.add_state("found", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
@@ -251,7 +251,7 @@ class DescriptorFrechetDistance(Metric):
     full_state_update = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False, **kwargs})  # a clip's metric is that clip's, on any rank
         self.add_state("real", default=[], dist_reduce_fx="cat")
         self.add_state("fake", default=[], dist_reduce_fx="cat")
 
@@ -275,7 +275,7 @@ class LandmarkPoseError(Metric):
     full_state_update = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False, **kwargs})  # a clip's metric is that clip's, on any rank
         self.add_state("nme", default=[], dist_reduce_fx="cat")
         self.add_state("pose_error", default=[], dist_reduce_fx="cat")
 

@@ -25,7 +25,6 @@ the same results.csv, results.md and plots as one process (then removes the part
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import functools
 import io
@@ -648,8 +647,7 @@ def evaluate_distributed(video_paths: Sequence[Path], settings: EvalSettings, me
 
         def predict_step(self, batch, batch_idx):
             k = int(batch)
-            with _local_metrics():
-                result = video_result(video_paths[k], settings, measurer, gallery)
+            result = video_result(video_paths[k], settings, measurer, gallery)
             with atomic_path(parts / f"{k:06d}.pkl", ".pkl") as tmp:
                 tmp.write_bytes(pickle.dumps(result))
             if self.bar is not None:
@@ -675,20 +673,6 @@ def evaluate_distributed(video_paths: Sequence[Path], settings: EvalSettings, me
                                 "|GPU available but not used|predict returned None|LeafSpec).*")
         trainer.predict(module, return_predictions=False)
     return module.merged if trainer.global_rank == 0 else None
-
-
-@contextlib.contextmanager
-def _local_metrics():
-    """torchmetrics metrics made in the block compute on this rank's own data: a video's metrics are the video's,
-    whichever rank has it (by default a Metric syncs its states across the process group on compute)."""
-    import torchmetrics.metric as tm
-
-    before = tm.jit_distributed_available
-    tm.jit_distributed_available = lambda: False
-    try:
-        yield
-    finally:
-        tm.jit_distributed_available = before
 
 
 def _capped_work(path: Path, max_frames: int) -> float:
