@@ -33,7 +33,7 @@ from anonymizer.scan import no_face_message
 from anonymizer.streams import plan_streams
 from anonymizer.video import VideoReader, VideoWriter
 from keepr.errors import KeeprError
-from webapp.images import part_colour, part_overlay, segment_labels, write_png
+from webapp.images import part_overlay, segment_labels, write_png
 
 log = logging.getLogger("webapp")
 
