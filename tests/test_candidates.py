@@ -235,16 +235,3 @@ def test_guard_redraws_same_person(recognizer, aligned, max_redraws):
             assert len(c.history) == 1 and c.history[0] < SAME_PERSON_THRESHOLD
     grid = candidate_grid(cands, cell=96, cols=2)
     assert grid.shape == (192, 192, 3)
-
-
-def test_default_config_matches_signature():
-    import inspect
-    from pathlib import Path
-
-    import yaml
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "candidates" / "default.yaml").read_text())
-    params = inspect.signature(make_candidates).parameters
-    assert set(cfg) <= set(params)
-    for key in ("num", "noise_scale", "seed", "guard_threshold", "max_redraws", "spread_samples", "per_layer"):
-        assert cfg[key] == params[key].default, key
-    assert tuple(cfg["layers"]) == params["layers"].default
