@@ -568,7 +568,7 @@ def build_parser():
     """infer.py's parser (every settings option, --config) plus --inputs, --threads and the Trainer options."""
     from pytorch_lightning import Trainer
 
-    import infer
+    from anonymizer import cli as infer
 
     p = infer.build_parser()
     p.prog = "python -m anonymizer.batch"
@@ -602,7 +602,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, dict | None]:
         raise KeeprError("--video/--images are infer.py's; give the inputs with --inputs")
     if cfg.threads < 0:
         raise KeeprError(f"--threads must be >= 0, got {cfg.threads}")
-    import infer
+    from anonymizer import cli as infer
     from anonymizer.checks import validate_settings
     from anonymizer.pipeline import check_model_files
     from anonymizer.settings import parse_face

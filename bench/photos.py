@@ -52,7 +52,7 @@ def build_tiny_models(d: Path) -> Path:
 
 
 def settings_for(config: Path, batch_size: int, device: str):
-    from infer import build_parser, settings_from_args
+    from anonymizer.cli import build_parser, settings_from_args
 
     argv = ["--images", "unused", "--out", "unused", "--config", str(config), "--progress", "false",
             "--swap.batch_size", str(batch_size), "--swap.device", device]

@@ -63,7 +63,7 @@ def keepr_settings(options: dict | None = None):
     ``options`` maps infer.py flags without dashes to values, e.g. ``{"config": "configs/infer/tiny.yaml",
     "seed": 0}``; configs/infer/default.yaml is read first, as for infer.py.
     """
-    from infer import build_parser, settings_from_args
+    from anonymizer.cli import build_parser, settings_from_args
 
     argv = ["--video", "unused", "--out", "unused", "--face", "largest"]  # the evaluation follows one face a video
     for key, value in (options or {}).items():

@@ -31,7 +31,7 @@ def photos(media_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_settings(tiny_models):
-    from infer import build_parser, settings_from_args
+    from anonymizer.cli import build_parser, settings_from_args
 
     def make(*extra):
         argv = ["--images", "x", "--out", "x", "--config", str(tiny_models["config"]), *FAST, *extra]

@@ -2,7 +2,7 @@
 
 ``python -m webapp`` takes the app's options (``--host``, ``--port``, ``--work_dir``, ``--max_upload_mb``,
 ``--workers``, ``--expire_hours``) and hands everything else (``--config FILE`` in order, ``--detect.upsample 1``,
-``--generator PATH``...) to ``infer.build_parser`` / ``infer.settings_from_args``, so the page runs on exactly the
+``--generator PATH``...) to ``anonymizer.cli.build_parser`` / ``settings_from_args`` (as infer.py), so the page runs on exactly the
 settings ``infer.py`` would use with the same options.
 
 Without ``--config`` or a model path, and without the official weights at their default places, the app runs on the
@@ -13,16 +13,13 @@ untrained one) with ``configs/infer/tiny.yaml``, and the page shows a banner say
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # infer.py lives at the repository root
-    sys.path.insert(0, str(ROOT))
+from anonymizer.settings import InferSettings
+from keepr.errors import KeeprError, MissingWeightsError
 
-from anonymizer.settings import InferSettings  # noqa: E402
-from keepr.errors import KeeprError, MissingWeightsError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL_OPTIONS = ("--generator", "--encoder", "--cosegmentation", "--cosegmentation_config")
 TINY_CONFIG = ROOT / "configs" / "infer" / "tiny.yaml"
@@ -57,7 +54,7 @@ class AppConfig:
 
 def infer_settings(configs: list[str], extra: list[str]) -> InferSettings:
     """The settings ``infer.py --config C1 --config C2 ... EXTRA`` would run with (``progress`` off)."""
-    import infer
+    from anonymizer import cli as infer
 
     args = [a for c in configs for a in ("--config", str(c))]
     cfg = infer.build_parser().parse_args([*args, "--video", "-", "--out", "-", "--progress", "false", *extra])
