@@ -30,11 +30,11 @@ test-fast: $(STAMP)
 
 ## make bench: the benchmarks (not tests), quick settings
 bench: $(STAMP)
-	$(PY) bench/generator.py --quick --precision 32,bf16
-	$(PY) bench/cosegmentation.py --quick
-	$(PY) bench/official_cosegmentation.py --quick
-	$(PY) bench/e2e.py --quick
-	$(PY) bench/infer.py --quick
+	$(PY) -m bench.generator --quick --precision 32,bf16
+	$(PY) -m bench.cosegmentation --quick
+	$(PY) -m bench.official_cosegmentation --quick
+	$(PY) -m bench.e2e --quick
+	$(PY) -m bench.infer --quick
 	bash bench/gpu_check.sh $(PY)
 
 clean-demo:

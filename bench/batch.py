@@ -1,6 +1,6 @@
 """Benchmark ``python -m anonymizer.batch``: videos/s and load balance (max rank busy time / mean) for 1 and 2 processes.
 
-    python bench/batch.py [--clips 4] [--frames 8] [--processes 1,2] [--threads 1] [--json FILE] [--work DIR]
+    python -m bench.batch [--clips 4] [--frames 8] [--processes 1,2] [--threads 1] [--json FILE] [--work DIR]
 
 The clips are the first ``--frames`` frames of the bundled videos that the tiny config can track (bbaf2n.mpg,
 video_01.mp4), alternated up to ``--clips`` clips; the models are the tiny random-init ones (speed does not depend
@@ -19,41 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import failure_line
+from keepr.errors import KeeprError, cli_main
+from models.tiny import make_tiny_models
+from tests.support.clips import first_frames
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SOURCES = ("bbaf2n.mpg", "video_01.mp4")
 
 
-def make_models(work: Path) -> Path:
-    """Tiny generator, co-part model and untrained encoder; returns an infer config pointing at them."""
-    import torch
-    import yaml
-
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2 import make_tiny_generator
-
-    work.mkdir(parents=True, exist_ok=True)
-    G = make_tiny_generator(seed=0)
-    G.save(work / "generator_tiny.safetensors")
-    make_tiny_cosegmentation(config=str(ROOT / "configs/cosegmentation/tiny.yaml"), seed=0).save(
-        work / "cosegmentation_tiny.pth.tar")
-    cfg = yaml.safe_load((ROOT / "configs/encoder/tiny.yaml").read_text())["model"]["encoder"]
-    torch.manual_seed(0)
-    enc = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, **cfg)
-    save_encoder(enc, work / "encoder.safetensors", work / "generator_tiny.safetensors")
-    config = work / "infer.yaml"
-    config.write_text((ROOT / "configs/infer/tiny.yaml").read_text()
-                      .replace("outputs/tiny/generator_tiny.safetensors", str(work / "generator_tiny.safetensors"))
-                      .replace("outputs/encoder_tiny_demo/encoder.safetensors", str(work / "encoder.safetensors"))
-                      .replace("outputs/tiny/cosegmentation_tiny.pth.tar", str(work / "cosegmentation_tiny.pth.tar")))
-    return config
-
-
 def make_clips(folder: Path, n: int, frames: int) -> None:
-    from tests.support.clips import first_frames
-
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(n):
         src = ROOT / "tests/fixtures/media/videos" / SOURCES[k % len(SOURCES)]
@@ -71,7 +47,7 @@ def run(clips: Path, out: Path, config: Path, processes: int, threads: int) -> d
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise SystemExit(f"anonymizer.batch failed ({processes} process(es)): {r.stderr[-2000:]}")
+        raise KeeprError(f"anonymizer.batch failed ({processes} process(es)): {failure_line(r.stderr)}")
     s = json.loads((out / "summary.json").read_text())
     busy = [x["busy_seconds"] for x in s["ranks"]]
     return {"processes": processes, "videos": s["done"], "frames": s["frames_done"], "wall_seconds": round(wall, 2),
@@ -80,7 +56,8 @@ def run(clips: Path, out: Path, config: Path, processes: int, threads: int) -> d
             "load_balance": s["load_balance"], "inputs_per_rank": [x["inputs"] for x in s["ranks"]]}
 
 
-def main() -> None:
+@cli_main
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", type=int, default=4)
     ap.add_argument("--frames", type=int, default=8)
@@ -88,10 +65,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        config = make_models(work / "models")
+        config = Path(make_tiny_models(work / "models")["config"])
         make_clips(work / "clips", args.clips, args.frames)
         rows = []
         for p in [int(v) for v in args.processes.split(",")]:

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from keepr.errors import cli_main  # noqa: E402
-from peak import conv_peak_gflops  # noqa: E402
-from keepr.fileio import write_text_atomic  # noqa: E402
-from models.cosegmentation import make_tiny_cosegmentation  # noqa: E402
-from models.cosegmentation.part_swap import SourceCache, no_tf32  # noqa: E402
+from bench.peak import conv_peak_gflops
+from keepr.errors import cli_main
+from keepr.fileio import write_text_atomic
+from models.cosegmentation import make_tiny_cosegmentation
+from models.cosegmentation.part_swap import SourceCache, no_tf32
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cosegmentation" / "vox-256-10segments.yaml"
 SWAP = [1, 2, 5]

@@ -1,6 +1,6 @@
 """Real-size end to end at each precision: frames/s per stage, end to end, peak memory, bf16 vs 32 per-frame PSNR.
 
-    python bench/e2e.py [--quick] [--precision 32,bf16] [--frames 24] [--repeat 2] [--batch 8] [--compare_batch]
+    python -m bench.e2e [--quick] [--precision 32,bf16] [--frames 24] [--repeat 2] [--batch 8] [--compare_batch]
         [--device cpu] [--clip tests/fixtures/media/videos/bbaf2n.mpg] [--json FILE]
 
 Full-size random models built into a temporary directory: the FFHQ-256 generator (configs/generator/ffhq256.yaml),
@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import failure_line
+from keepr.errors import KeeprError, cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FACE_BOX = (0.33, 0.22, 0.67, 0.66)  # fraction of (width, height): the speaker's face in the GRID clip bbaf2n.mpg
 
@@ -143,10 +145,10 @@ def child(args: dict) -> dict:
 
 def run_child(args: dict) -> dict:
     env = dict(os.environ)
-    r = subprocess.run([sys.executable, __file__, "--_child", json.dumps(args)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "bench.e2e", "--_child", json.dumps(args)], capture_output=True, text=True,
                        cwd=ROOT, env=env)
     if r.returncode != 0:
-        raise SystemExit(f"e2e run failed ({args['precision']}):\n{r.stderr[-3000:]}")
+        raise KeeprError(f"e2e run failed ({args['precision']}): {failure_line(r.stderr)}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -159,6 +161,7 @@ def psnr_frames(a, b) -> list[float]:
     return out
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clip", default=str(ROOT / "tests" / "fixtures" / "media" / "videos" / "bbaf2n.mpg"))

@@ -1,6 +1,6 @@
 """Generator throughput benchmark: images/s and achieved GFLOP/s as a fraction of this machine's fp32 matmul peak.
 
-    python bench/generator.py [--quick] [--threads N] [--device cpu]
+    python -m bench.generator [--quick] [--threads N] [--device cpu]
 
 Configs: ``tiny`` (64 px, configs/generator/tiny.yaml) and ``ffhq256`` (the official paper256 generator, random
 weights), batch 1 and 8, full ``G(z)`` (mapping + synthesis, noise 'const', no autograd). FLOPs are counted
@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from keepr.errors import cli_main  # noqa: E402
-from keepr.precision import autocast, check_precision, compute_dtype  # noqa: E402
-from peak import conv_peak_gflops  # noqa: E402
-from models.stylegan2 import Generator  # noqa: E402
-from models.stylegan2.loaders import build_generator, load_generator_config, make_tiny_generator  # noqa: E402
-from models.stylegan2.networks import FullyConnectedLayer, SynthesisLayer, ToRGBLayer  # noqa: E402
+from bench.peak import conv_peak_gflops
+from keepr.errors import cli_main
+from keepr.precision import autocast, check_precision, compute_dtype
+from models.stylegan2 import Generator
+from models.stylegan2.loaders import build_generator, load_generator_config, make_tiny_generator
+from models.stylegan2.networks import FullyConnectedLayer, SynthesisLayer, ToRGBLayer
 
 
 def generator_flops(G: Generator) -> float:

@@ -19,9 +19,9 @@ export KEEPR_GPU_CHECK=1 NVIDIA_TF32_OVERRIDE=0
 echo "gpu_check: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)'); results in $OUT"
 status=0
 timeout 180 "$PY" -m pytest -q -x -k cuda tests/test_precision.py 2>&1 | tee "$OUT/parity.txt" || status=1
-timeout 120 "$PY" bench/official_cosegmentation.py --device cuda --frames 32 --rounds 3 --json "$OUT/official.json" \
+timeout 120 "$PY" -m bench.official_cosegmentation --device cuda --frames 32 --rounds 3 --json "$OUT/official.json" \
     2>&1 | tee "$OUT/official.txt" || status=1
-timeout 200 "$PY" bench/e2e.py --device cuda --precision 32,16,bf16 --frames 48 --rounds 2 --json "$OUT/e2e.json" \
+timeout 200 "$PY" -m bench.e2e --device cuda --precision 32,16,bf16 --frames 48 --rounds 2 --json "$OUT/e2e.json" \
     2>&1 | tee "$OUT/e2e.txt" || status=1
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys, pathlib

@@ -1,6 +1,6 @@
 """Benchmark infer: frames/s of every stage at 256 px face crops, and peak memory vs. video length.
 
-    python bench/infer.py [--quick] [--clip tests/fixtures/media/videos/bbaf2n.mpg] [--repeat 4] [--crop_size 256]
+    python -m bench.infer [--quick] [--clip tests/fixtures/media/videos/bbaf2n.mpg] [--repeat 4] [--crop_size 256]
         [--cosegmentation_config configs/cosegmentation/vox-256-10segments.yaml] [--device cpu] [--json FILE]
 
 Models are random-init (speed and memory do not depend on the weights): the tiny generator, an untrained encoder
@@ -21,44 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from anonymizer.pipeline import InferSettings, anonymize_video
+from anonymizer.video import VideoReader, VideoWriter
+from bench import failure_line
+from keepr.errors import KeeprError, cli_main
+from models.tiny import make_tiny_models
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STAGES = ("decode", "detect", "track", "virtual_face", "crop", "swap", "paste", "encode")
-
-
-def build_models(work: Path, crop_size: int, coseg_config: str | None) -> dict:
-    """Random-init tiny generator, untrained encoder, co-part model; returns the infer model paths."""
-    import yaml
-
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2 import make_tiny_generator
-
-    work.mkdir(parents=True, exist_ok=True)
-    gen = work / "generator.safetensors"
-    G = make_tiny_generator(seed=0)
-    G.save(gen)
-    enc = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, mode="w",
-                  channels=[32, 64, 128, 128], blocks=[1, 1, 1, 1], stem_stride=2, pool_size=2, hidden_dim=256)
-    enc.w_avg.copy_(G.w_avg)
-    enc_path = save_encoder(enc, work / "encoder.safetensors", gen)
-    if coseg_config is None:
-        cfg = yaml.safe_load((ROOT / "configs" / "cosegmentation" / "tiny.yaml").read_text())
-        cfg["dataset_params"]["image_shape"] = [crop_size, crop_size, 3]
-        coseg_config = str(work / f"cosegmentation_tiny{crop_size}.yaml")
-        Path(coseg_config).write_text(yaml.safe_dump(cfg))
-    seg = work / "cosegmentation.pth.tar"
-    make_tiny_cosegmentation(config=coseg_config, seed=0).save(seg)
-    return {"generator": str(gen), "encoder": str(enc_path), "cosegmentation": str(seg),
-            "cosegmentation_config": coseg_config}
 
 
 def repeat_clip(src: Path, dst: Path, times: int, max_frames: int | None = None) -> int:
     """Re-encode ``src`` (its first ``max_frames`` frames) ``times`` times back to back into one H.264 mp4 (video
     only); returns its frame count."""
-    from anonymizer.video import VideoReader, VideoWriter
-
     r = VideoReader(src)
     n = 0
     with VideoWriter(dst, r.width, r.height, r.fps, preset="veryfast", audio="none") as w:
@@ -73,8 +49,6 @@ def repeat_clip(src: Path, dst: Path, times: int, max_frames: int | None = None)
 
 def child(video: str, out: str, settings_json: str) -> None:
     """Run one anonymization and print its stage timings and peak RSS as JSON (called in a fresh process)."""
-    from anonymizer.pipeline import InferSettings, anonymize_video
-
     settings = InferSettings.from_dict(json.loads(settings_json))
     t0 = time.perf_counter()
     rep = anonymize_video(video, out, settings)
@@ -84,13 +58,14 @@ def child(video: str, out: str, settings_json: str) -> None:
 
 
 def run_child(video: Path, out: Path, settings: dict) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--_child", str(video), str(out), json.dumps(settings)],
+    r = subprocess.run([sys.executable, "-m", "bench.infer", "--_child", str(video), str(out), json.dumps(settings)],
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
-        raise SystemExit(f"benchmark run failed on {video}:\n{r.stderr[-3000:]}")
+        raise KeeprError(f"benchmark run failed on {video}: {failure_line(r.stderr)}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clip", default=str(ROOT / "tests" / "fixtures" / "media" / "videos" / "bbaf2n.mpg"))
@@ -112,7 +87,8 @@ def main(argv=None) -> int:
         a.max_frames = 25
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         work = Path(a.work or tmp)
-        models = build_models(work / "models", a.crop_size, a.cosegmentation_config)
+        paths = make_tiny_models(work / "models", a.crop_size, cosegmentation_config=a.cosegmentation_config)
+        models = {k: paths[k] for k in ("generator", "encoder", "cosegmentation", "cosegmentation_config")}
         short, long = work / "clip.mp4", work / f"clip_x{a.repeat}.mp4"
         n1 = repeat_clip(Path(a.clip), short, 1, a.max_frames)
         n4 = repeat_clip(Path(a.clip), long, a.repeat, a.max_frames)

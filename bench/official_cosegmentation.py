@@ -1,6 +1,6 @@
 """Part swap, ours vs the official loop, side by side in one run (vox-10 256 px, the same random weights).
 
-    python bench/official_cosegmentation.py [--quick] [--frames 16] [--rounds 3] [--tune_allocator] [--json FILE]
+    python -m bench.official_cosegmentation [--quick] [--frames 16] [--rounds 3] [--tune_allocator] [--json FILE]
 
 The official loop, re-implemented from the authors' published part-swap demo (motion-cosegmentation ``part_swap.py``
 ``make_video``): the source is segmented once; then for every driving frame, one at a time (batch 1), the driving
@@ -20,22 +20,19 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.peak import conv_peak_gflops
+from keepr.errors import cli_main
+from keepr.precision import cpu_bf16_native, tune_allocator
+from models.cosegmentation import PartSwapper, make_tiny_cosegmentation
+from models.cosegmentation.part_swap import no_tf32
 
-from keepr.errors import cli_main  # noqa: E402
-from keepr.precision import cpu_bf16_native, tune_allocator  # noqa: E402
-from models.cosegmentation import PartSwapper, make_tiny_cosegmentation  # noqa: E402
-from models.cosegmentation.part_swap import no_tf32  # noqa: E402
-from peak import conv_peak_gflops  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "configs" / "cosegmentation" / "vox-256-10segments.yaml"
 SWAP = [1, 2, 5]

@@ -5,8 +5,8 @@
 Runs the pipeline (``anonymizer.pipeline.anonymize_video``) on each clip with ``--face all`` and the default
 fallback, and prints one Markdown row per clip from its ``report.json``: persons, face-frames the coverage detector
 found, how each was anonymized (swap / fallback), how many were left, and the identity check. Without ``--config``
-the demo's tiny architectures are built (random weights) into a temporary directory, as the tests do: the figures
-are about *which faces get covered*, not about the look of the virtual face.
+the demo's tiny architectures are built (random weights, ``models.tiny``) into a temporary directory, as the tests
+do: the figures are about *which faces get covered*, not about the look of the virtual face.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from anonymizer.pipeline import anonymize_video
 from anonymizer.settings import InferSettings
+from models.tiny import make_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT / "tests" / "fixtures" / "media" / "videos"
@@ -31,28 +33,6 @@ CLIPS = [
 ]
 
 
-def tiny_model_paths(work: Path) -> dict:
-    """The demo's tiny architectures with random weights (and an untrained encoder), as infer model paths."""
-    import torch
-    import yaml
-
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2 import make_tiny_generator
-
-    work.mkdir(parents=True, exist_ok=True)
-    G = make_tiny_generator(seed=0)
-    G.save(work / "generator_tiny.safetensors")
-    cfg = str(ROOT / "configs" / "cosegmentation" / "tiny.yaml")
-    make_tiny_cosegmentation(config=cfg, seed=0).save(work / "cosegmentation_tiny.pth.tar")
-    enc_cfg = yaml.safe_load((ROOT / "configs" / "encoder" / "tiny.yaml").read_text())["model"]["encoder"]
-    torch.manual_seed(0)
-    enc = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, **enc_cfg)
-    save_encoder(enc, work / "encoder.safetensors", work / "generator_tiny.safetensors")
-    return {"generator": str(work / "generator_tiny.safetensors"), "encoder": str(work / "encoder.safetensors"),
-            "cosegmentation": str(work / "cosegmentation_tiny.pth.tar"), "cosegmentation_config": cfg}
-
-
 def row(name: str, rep: dict, labelled: int | None) -> str:
     c = rep["coverage"]
     ident = f"{c['identity_matches']}/{c['identity_checked']}" if c["identity_check"] else "off"
@@ -66,8 +46,6 @@ HEADER = ("| clip | frames | persons | faces (hand count) | faces found | swap |
 
 
 def main(argv=None) -> None:
-    from anonymizer.pipeline import anonymize_video
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/coverage")
     p.add_argument("--identity_every", type=int, default=5, help="identity check on every k-th frame")
@@ -75,7 +53,8 @@ def main(argv=None) -> None:
     out = Path(a.out)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        models = tiny_model_paths(Path(tmp) / "models")
+        paths = make_tiny_models(Path(tmp) / "models")
+        models = {k: paths[k] for k in ("generator", "encoder", "cosegmentation", "cosegmentation_config")}
         for clip, extra, labelled in CLIPS:
             d = {"models": models, "progress": False, "coverage": {"identity_every": a.identity_every},
                  "encode": {"preset": "veryfast"}, "detect": {"upsample": 0, "every": 2}}

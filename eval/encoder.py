@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from keepr.errors import KeeprError, cli_main
+from keepr.fileio import atomic_path, write_text_atomic
+from keepr.images import to_float_image, to_uint8
 
-from keepr.errors import KeeprError, cli_main  # noqa: E402
-from keepr.fileio import atomic_path, write_text_atomic  # noqa: E402
-from keepr.images import to_float_image, to_uint8  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 DEFAULT_PHOTOS = ROOT / "tests" / "fixtures" / "media" / "photos"

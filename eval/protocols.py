@@ -71,18 +71,15 @@ import io
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from keepr.errors import KeeprError, cli_main
 
-from keepr.errors import KeeprError, cli_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("keepr", "blur", "mosaic", "blackbox", "none")
 FPR_TARGETS = (("tpr@1e-3", 1e-3), ("tpr@1e-2", 1e-2))

@@ -18,7 +18,7 @@ start=$(date +%s)
 
 if [ ! -f outputs/tiny/generator_tiny.safetensors ] || [ ! -f outputs/tiny/cosegmentation_tiny.pth.tar ]; then
   echo "== 1/4 tiny models"
-  "$PY" scripts/make_tiny_models.py --out outputs/tiny
+  "$PY" -m scripts.make_tiny_models --out outputs/tiny
 fi
 # Always run: generate_pairs.py resumes an interrupted set and only re-checks a complete one.
 echo "== 2/4 tiny pairs"

@@ -1,6 +1,6 @@
 """Export the encoder of a training checkpoint to the file inference loads.
 
-    python scripts/export_encoder.py --ckpt outputs/encoder_tiny/checkpoints/last.ckpt \
+    python -m scripts.export_encoder --ckpt outputs/encoder_tiny/checkpoints/last.ckpt \
         --out outputs/encoder_tiny/encoder.safetensors [--generator PATH]
 
 train_encoder.py already exports the best checkpoint when fit ends; use this for any other checkpoint. The checkpoint
@@ -10,14 +10,10 @@ into the export so ``models.encoder.load_encoder`` can refuse a different one.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from keepr.errors import KeeprError, cli_main  # noqa: E402
-from models.encoder import save_encoder  # noqa: E402
-from training.encoder_module import checkpoint_generator_path, load_encoder_from_checkpoint  # noqa: E402
+from keepr.errors import KeeprError, cli_main
+from models.encoder import save_encoder
+from training.encoder_module import checkpoint_generator_path, load_encoder_from_checkpoint
 
 
 @cli_main
@@ -25,7 +21,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Export a trained encoder checkpoint to .safetensors.")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train_encoder.py")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--generator", default=None, help="generator the encoder was trained for (default: from the checkpoint)")
+    p.add_argument("--generator", default=None,
+                   help="generator the encoder was trained for (default: from the checkpoint)")
     args = p.parse_args(argv)
     encoder = load_encoder_from_checkpoint(args.ckpt)
     generator = args.generator or checkpoint_generator_path(args.ckpt)

@@ -20,26 +20,25 @@ from anonymizer.faces import align_face, detect_faces
 from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer
 from keepr.errors import KeeprError
 from keepr.images import load_image
+from models.encoder import load_encoder
+from models.stylegan2 import load_generator
 
 SPREAD_SAMPLES = 2000  # enough for the tiny generator's spread, fast on 2 cores
 
 
 @pytest.fixture(scope="module")
-def tiny_G():
-    from models.stylegan2 import make_tiny_generator
-    return make_tiny_generator(seed=0)
+def tiny_G(tiny_models):
+    return load_generator(tiny_models["generator"])
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tiny_G):
-    """An untrained tiny encoder of the real architecture, centred on the generator's w_avg, with a perturbed head
-    so that its output depends on the image."""
-    from models.encoder import Encoder
+def tiny_encoder(tiny_models):
+    """The untrained tiny encoder, centred on the generator's w_avg, with a perturbed head so that its output
+    depends on the image."""
+    enc = load_encoder(tiny_models["encoder"], tiny_models["generator"])
     torch.manual_seed(0)
-    enc = Encoder(w_dim=tiny_G.w_dim, num_ws=tiny_G.num_ws, img_resolution=64, mode="w", channels=(16, 32),
-                  blocks=(1, 1), stem_stride=2, pool_size=2, hidden_dim=32)
     with torch.no_grad():
-        enc.w_avg.copy_(tiny_G.w_avg)
+        enc.w_avg.copy_(load_generator(tiny_models["generator"]).w_avg)
         torch.nn.init.normal_(enc.head[-1].weight, std=0.05)
     return enc.eval()
 

@@ -214,8 +214,9 @@ def test_cli_fit_exports_a_loadable_encoder(tiny_setup, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6
     out = tmp_path / "exported.safetensors"
-    res = subprocess.run([sys.executable, "scripts/export_encoder.py", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"),
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "scripts.export_encoder", "--ckpt",
+                          str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True)
     assert res.returncode == 0, res.stderr
     load_encoder(out, tiny_setup["generator"])
 

@@ -94,38 +94,15 @@ def test_cli_module_entry_point(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error:") and "none.mp4" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """Tiny random-init generator and co-part model, and an untrained tiny encoder (the machinery, not the look)."""
-    import torch
-    import yaml
-
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2 import make_tiny_generator
-
-    d = tmp_path_factory.mktemp("eval_tiny")
-    G = make_tiny_generator(seed=0)
-    G.save(d / "generator_tiny.safetensors")
-    make_tiny_cosegmentation(config=str(ROOT / "configs" / "cosegmentation" / "tiny.yaml"), seed=0).save(
-        d / "cosegmentation_tiny.pth.tar")
-    cfg = yaml.safe_load((ROOT / "configs" / "encoder" / "tiny.yaml").read_text())["model"]["encoder"]
-    torch.manual_seed(0)
-    enc = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, **cfg)
-    save_encoder(enc, d / "encoder.safetensors", d / "generator_tiny.safetensors")
-    return d
-
-
 @pytest.mark.slow
 def test_keepr_method_through_pipeline(tiny_models, media_dir, tmp_path):
-    d = tiny_models
+    m = tiny_models
     out = tmp_path / "results"
     result = main([
         "--videos", str(media_dir / "videos" / "bbaf2n.mpg"), "--methods", "keepr,none", "--out", str(out),
         "--max_frames", "5", "--no_progress", "--config", str(ROOT / "configs" / "infer" / "tiny.yaml"),
-        "--generator", str(d / "generator_tiny.safetensors"), "--encoder", str(d / "encoder.safetensors"),
-        "--cosegmentation", str(d / "cosegmentation_tiny.pth.tar"),
-        "--cosegmentation_config", str(ROOT / "configs" / "cosegmentation" / "tiny.yaml"),
+        "--generator", m["generator"], "--encoder", m["encoder"], "--cosegmentation", m["cosegmentation"],
+        "--cosegmentation_config", m["cosegmentation_config"],
     ])
     rows = _rows(out / "results.csv")
     keepr = rows[("bbaf2n.mpg", "keepr")]

@@ -15,9 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from keepr.errors import KeeprError, MissingWeightsError
 from models.stylegan2 import Generator, load_generator, make_tiny_generator
-from models.stylegan2.loaders import (KEEPR_FORMAT, KEEPR_FORMAT_VERSION, generator_from_rosinality,
-                                      generator_from_state_dict, normalize_init_kwargs, nvlabs_to_rosinality,
-                                      rosinality_to_nvlabs)
+from models.stylegan2.loaders import (
+    KEEPR_FORMAT,
+    KEEPR_FORMAT_VERSION,
+    generator_from_rosinality,
+    generator_from_state_dict,
+    normalize_init_kwargs,
+    nvlabs_to_rosinality,
+    rosinality_to_nvlabs,
+)
 from models.stylegan2.safe_pickle import PersistentRecord, flatten_record, safe_load_network_pickle
 
 WS_TOL = 1e-5
@@ -127,6 +133,7 @@ def test_execution_paths_agree(pdir, pconfig, reference_state, io, conv_clamp):
 def test_pickle_protocol2_numpy_scalars(tmp_path):
     """Protocol-2 pickles (``_codecs.encode`` bytes, ``__builtin__.set``) and numpy scalars load through the allow-list."""
     import io as io_
+
     import numpy as np
 
     from models.stylegan2.safe_pickle import SafeNetworkUnpickler
@@ -465,7 +472,7 @@ def test_make_tiny_models_script(tmp_path):
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, str(root / "scripts" / "make_tiny_models.py"), "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "scripts.make_tiny_models", "--out", str(tmp_path)],
                          cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     G = load_generator(tmp_path / "generator_tiny.safetensors")
