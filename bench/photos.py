@@ -1,10 +1,11 @@
 """Benchmark the photo path: photos/s of ``infer.py --images`` on the shipped photos, with the tiny models.
 
-    python bench/photos.py [--photos tests/fixtures/media/photos] [--copies 1] [--batch_size 8] [--device cpu]
+    python -m bench.photos [--photos tests/fixtures/media/photos] [--copies 1] [--batch_size 8] [--device cpu]
         [--json FILE]
 
 Models are the tests' tiny architectures (random-init generator and co-part model, an untrained encoder; built as
-``tests/conftest.py``'s ``tiny_models`` fixture builds them, with ``configs/infer/tiny.yaml``): speed, not looks.
+``models.tiny.make_tiny_models``, as for the tests' ``tiny_models`` fixture, with ``configs/infer/tiny.yaml``): speed,
+not looks.
 The folder (``--copies`` copies of ``--photos``) is anonymized twice in this process with the models loaded once:
 ``--batch_size`` photos per group (faces batched through encoder, generator and part swap) and ``--batch_size 1``
 (one face at a time) for comparison; then a rerun into the first output shows the resume cost (everything skipped).
@@ -15,45 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from anonymizer.cli import build_parser, settings_from_args
+from anonymizer.photos import anonymize_images, list_images, load_models
+from models.tiny import make_tiny_models
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def build_tiny_models(d: Path) -> Path:
-    """The tests' tiny models in ``d`` and an infer config pointing at them (returns the config path)."""
-    import torch
-    import yaml
-
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2 import make_tiny_generator
-
-    d.mkdir(parents=True, exist_ok=True)
-    G = make_tiny_generator(seed=0)
-    G.save(d / "generator_tiny.safetensors")
-    make_tiny_cosegmentation(config=str(ROOT / "configs" / "cosegmentation" / "tiny.yaml"), seed=0).save(
-        d / "cosegmentation_tiny.pth.tar")
-    cfg = yaml.safe_load((ROOT / "configs" / "encoder" / "tiny.yaml").read_text())["model"]["encoder"]
-    torch.manual_seed(0)
-    enc = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, **cfg)
-    save_encoder(enc, d / "encoder.safetensors", d / "generator_tiny.safetensors")
-    config = d / "infer.yaml"
-    config.write_text(
-        (ROOT / "configs" / "infer" / "tiny.yaml").read_text()
-        .replace("outputs/tiny/generator_tiny.safetensors", str(d / "generator_tiny.safetensors"))
-        .replace("outputs/encoder_tiny_demo/encoder.safetensors", str(d / "encoder.safetensors"))
-        .replace("outputs/tiny/cosegmentation_tiny.pth.tar", str(d / "cosegmentation_tiny.pth.tar")))
-    return config
 
 
 def settings_for(config: Path, batch_size: int, device: str):
-    from anonymizer.cli import build_parser, settings_from_args
-
     argv = ["--images", "unused", "--out", "unused", "--config", str(config), "--progress", "false",
             "--swap.batch_size", str(batch_size), "--swap.device", device]
     return settings_from_args(build_parser().parse_args(argv))
@@ -68,11 +42,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    from anonymizer.photos import anonymize_images, list_images, load_models
-
     with tempfile.TemporaryDirectory(prefix="bench_photos_") as tmp:
         tmp = Path(tmp)
-        config = build_tiny_models(tmp / "models")
+        config = make_tiny_models(tmp / "models")["config"]
         src = tmp / "in"
         for c in range(args.copies):
             shutil.copytree(args.photos, src / f"copy{c}")
