@@ -5,7 +5,7 @@
         --trainer.accelerator gpu --trainer.devices 2 --trainer.strategy ddp
 
 Pair i depends only on (generator, seed, i): the result is the same for any batch size, number of devices, and after
-an interrupted run is resumed (run the same command again). See datasets/pairs.py for the layout.
+an interrupted run is resumed (run the same command again). See datasets/pairs.py for the layout and manifest.
 
 An existing set is never changed behind the user's back: other settings, a different --num_pairs included, are refused
 unless --overwrite (replace the set) or, to grow it with the same settings, --extend (the result equals a set made at
@@ -76,14 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         raise missing("generator", cfg.generator)
 
     # Everything that can fail on the user's input happens before the output directory is touched.
-    from models.stylegan2 import load_generator
+    from datasets.pairs import build_manifest, check_out_dir
     from keepr.fileio import sha256_file
-    from training.pairs_module import build_manifest, check_out_dir, render_pairs
+    from models.stylegan2 import load_generator
+    from training.pairs_module import render_pairs
 
     G = load_generator(cfg.generator, device="cpu")
+    # The manifest records the generator's sha256 and its path relative to the pair set (a copy made together with
+    # its generator still finds it; train_encoder.py --model.generator_path finds one that moved).
     manifest = build_manifest(G, cfg.generator, sha256_file(cfg.generator), seed=cfg.seed, num_pairs=cfg.num_pairs,
                               truncation_psi=cfg.truncation_psi, shard_size=cfg.shard_size,
-                              render_batch=cfg.render_batch, noise_mode=cfg.noise_mode)
+                              render_batch=cfg.render_batch, noise_mode=cfg.noise_mode, out_dir=cfg.out_dir)
     check_out_dir(cfg.out_dir, manifest, cfg.overwrite, cfg.extend)
 
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in _TRAINER_FIXED}

@@ -199,19 +199,30 @@ class Encoder(nn.Module):
 # Export / import.
 
 
+def _other_generator(path, generator_path, expected: str, actual: str) -> KeeprError:
+    return KeeprError(f"{path}: encoder was trained for generator sha256 {expected}, not {generator_path} "
+                      f"(sha256 {actual})")
+
+
 def save_encoder(encoder: Encoder, path: str | os.PathLike, generator_path: str | os.PathLike,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write ``encoder`` (weights, kwargs, w_avg) to one ``.safetensors`` file tied to the generator at ``generator_path``."""
+                 extra: dict[str, Any] | None = None, generator_sha256: str | None = None) -> Path:
+    """Write ``encoder`` (weights, kwargs, w_avg) to one ``.safetensors`` file tied to the generator at
+    ``generator_path`` (its sha256 is recorded). ``generator_sha256``, when known (the generator the encoder was
+    trained against), must be that file's: a generator that moved is found by its new path, another file is refused.
+    """
     from safetensors.torch import save_file
 
     generator_path = Path(generator_path)
     if not generator_path.is_file():
         raise KeeprError(f"{generator_path}: generator file not found; the export records its sha256")
+    actual = sha256_file(generator_path)
+    if generator_sha256 is not None and actual != generator_sha256:
+        raise _other_generator(path, generator_path, generator_sha256, actual)
     meta = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(encoder.init_kwargs),
-        "generator": json.dumps({"path": str(generator_path), "sha256": sha256_file(generator_path)}),
+        "generator": json.dumps({"path": str(generator_path), "sha256": actual}),
         "extra": json.dumps(extra or {}),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
@@ -251,7 +262,8 @@ def load_encoder(path: str | os.PathLike, generator_path: str | os.PathLike | No
                  device: str | torch.device = "cpu") -> Encoder:
     """Load an exported encoder in eval mode, checking that ``generator_path`` is the generator it was trained for.
 
-    ``generator_path=None`` skips the check (inspection only; inference always passes its generator).
+    ``generator_path=None`` skips the check (inspection only; inference always passes its generator). The generator
+    is found by the path given, wherever it now lies; the recorded path is only named in the error.
     """
     from safetensors.torch import load_file
 
@@ -259,13 +271,12 @@ def load_encoder(path: str | os.PathLike, generator_path: str | os.PathLike | No
     if generator_path is not None:
         generator_path = Path(generator_path)
         if not generator_path.is_file():
-
             raise missing("generator", generator_path)
         expected = meta["generator"].get("sha256")
         actual = sha256_file(generator_path)
         if actual != expected:
             raise KeeprError(f"{path}: encoder was trained for generator {meta['generator'].get('path')} "
-                             f"(sha256 {str(expected)[:12]}...), not {generator_path} (sha256 {actual[:12]}...)")
+                             f"(sha256 {expected}), not {generator_path} (sha256 {actual})")
     encoder = Encoder(**meta["config"])
     try:
         state = load_file(str(path), device="cpu")
@@ -273,11 +284,12 @@ def load_encoder(path: str | os.PathLike, generator_path: str | os.PathLike | No
         raise KeeprError(f"{path}: cannot read the trained encoder: the safetensors file is truncated or corrupt "
                          f"({' '.join(str(exc).split())}).") from None
     try:
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        absent, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # Shape mismatch: made by another version of this code.
         raise KeeprError(f"{path}: encoder weights do not match its config ({str(exc).splitlines()[-1].strip()}); "
                          f"re-train or re-export it with this version") from None
-    if missing or unexpected:
-        raise KeeprError(f"{path}: encoder weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+    if absent or unexpected:
+        raise KeeprError(f"{path}: encoder weights do not match its config (missing {absent[:3]}, unexpected "
+                         f"{unexpected[:3]}); "
                          f"re-train or re-export it with this version")
     return encoder.eval().requires_grad_(False).to(device)

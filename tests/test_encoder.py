@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,85 @@ def test_export_round_trip_and_wrong_generator(tiny_setup, tmp_path):
         load_encoder(path, tiny_setup["other_generator"])
     with pytest.raises(MissingWeightsError):
         load_encoder(tmp_path / "missing.safetensors", tiny_setup["generator"])
+
+
+def _train_two_steps(module, pairs):
+    import pytorch_lightning as pl
+
+    from datasets.pairs import PairDataModule
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=PairDataModule(str(pairs), batch_size=8, val_fraction=0.25))
+    assert trainer.global_step == 2
+
+
+def test_pair_set_copied_with_its_generator_trains(tiny_setup, tmp_path):
+    """A pair set copied elsewhere together with its generator trains against the copy (the manifest's path is
+    relative to the pair set), and the export is bound to it."""
+    from models.encoder import load_encoder, save_encoder
+
+    pairs = tmp_path / "pairs"
+    shutil.copytree(tiny_setup["pairs"], pairs)
+    gen = tmp_path / tiny_setup["generator"].name  # same place relative to the pairs as the original
+    shutil.copy2(tiny_setup["generator"], gen)
+    module = make_module({"pairs": pairs})
+    assert module.generator_path == str(gen)
+    _train_two_steps(module, pairs)
+    out = save_encoder(module.encoder, tmp_path / "enc.safetensors", module.generator_path,
+                       generator_sha256=module.generator_sha256)
+    load_encoder(out, gen)
+
+
+def test_moved_generator_is_given_by_path_and_checked(tiny_setup, tmp_path):
+    """Pairs whose generator moved: training finds it by --model.generator_path (checked against the manifest's
+    sha256); another file is refused in one line naming both hashes, at training and at export."""
+    import generate_pairs
+    from keepr.fileio import sha256_file
+    from models.encoder import load_encoder, save_encoder
+    from train_encoder import main
+
+    home = tmp_path / "weights" / "g.safetensors"
+    home.parent.mkdir()
+    shutil.copy2(tiny_setup["generator"], home)
+    pairs = tmp_path / "pairs"
+    assert generate_pairs.main(["--config", str(ROOT / "configs/pairs/tiny.yaml"), "--generator", str(home),
+                                "--out_dir", str(pairs), "--num_pairs", "16", "--shard_size", "8",
+                                "--trainer.enable_progress_bar", "false"]) == 0
+    moved = tmp_path / "moved.safetensors"
+    home.rename(moved)
+    with pytest.raises(MissingWeightsError, match="--model.generator_path"):
+        make_module({"pairs": pairs})
+    module = make_module({"pairs": pairs}, generator_path=str(moved))
+    assert module.generator_path == str(moved)
+    _train_two_steps(module, pairs)
+
+    right, wrong = sha256_file(moved), sha256_file(tiny_setup["other_generator"])
+    with pytest.raises(KeeprError) as err:
+        make_module({"pairs": pairs}, generator_path=str(tiny_setup["other_generator"]))
+    assert right in str(err.value) and wrong in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(KeeprError) as err:
+        save_encoder(module.encoder, tmp_path / "enc.safetensors", tiny_setup["other_generator"],
+                     generator_sha256=module.generator_sha256)
+    assert right in str(err.value) and wrong in str(err.value) and not (tmp_path / "enc.safetensors").exists()
+    out = save_encoder(module.encoder, tmp_path / "enc.safetensors", moved, generator_sha256=module.generator_sha256)
+    assert load_encoder(out, moved).w_dim == 64
+    with pytest.raises(KeeprError) as err:
+        load_encoder(out, tiny_setup["other_generator"])
+    assert right in str(err.value) and wrong in str(err.value)
+    with pytest.raises(MissingWeightsError, match="gone.safetensors"):  # a missing generator, not a NameError
+        load_encoder(out, tmp_path / "gone.safetensors")
+
+    # The command line: --model.generator_path finds it (one step, nothing logged).
+    base = ["fit", "--config", str(ROOT / "configs/encoder/tiny.yaml"), "--data.root", str(pairs),
+            "--data.batch_size", "8", "--data.val_fraction", "0.25", "--model.encoder", str(TINY_ENCODER),
+            "--trainer.logger", "false", "--trainer.max_steps", "1", "--trainer.max_epochs", "-1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+            "--export.path", str(tmp_path / "cli.safetensors")]
+    main(base + ["--model.generator_path", str(moved)])
+    load_encoder(tmp_path / "cli.safetensors", moved)
+    assert (tmp_path / "run" / "config.yaml").is_file()  # not in the working directory
 
 
 class _FirstStep(__import__("pytorch_lightning").Callback):

@@ -1,6 +1,7 @@
 """Shared helpers: atomic output, the one-line CLI error wrapper, pixel conversions."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,10 +47,31 @@ def test_sha256(tmp_path):
     assert sha256_file(p) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_missing_weights_message_names_file_and_source():
-    err = MissingWeightsError("weights/ffhq.pkl", "StyleGAN2 FFHQ generator", "the stylegan2-ada-pytorch release page")
-    assert isinstance(err, KeeprError)
-    assert "weights/ffhq.pkl" in str(err) and "stylegan2-ada-pytorch" in str(err)
+def test_loaders_name_the_missing_file_and_where_to_get_it(tmp_path):
+    """Each weight loader, given a file that is not there, raises MissingWeightsError (a KeeprError, a
+    FileNotFoundError) in one line naming the file, what it is and its source in keepr.registry."""
+    from keepr.registry import WEIGHTS
+    from models.arcface import load_arcface
+    from models.cosegmentation.loader import load_cosegmentation
+    from models.encoder import load_encoder
+    from models.stylegan2 import load_generator
+
+    root = Path(__file__).resolve().parents[1]
+    cases = [
+        ("generator", "ffhq.pkl", lambda p: load_generator(p)),
+        ("encoder", "encoder.safetensors", lambda p: load_encoder(p, None)),
+        ("arcface", "model_ir_se50.pth", lambda p: load_arcface(p)),
+        ("cosegmentation", "vox-10segments.pth.tar",
+         lambda p: load_cosegmentation(p, root / "configs/cosegmentation/vox-256-10segments.yaml")),
+    ]
+    for key, name, load in cases:
+        path = tmp_path / name
+        with pytest.raises(MissingWeightsError) as err:
+            load(path)
+        msg = str(err.value)
+        assert isinstance(err.value, KeeprError) and isinstance(err.value, FileNotFoundError)
+        assert "\n" not in msg and msg.startswith(f"missing weights: {path} (") and not path.exists(), msg
+        assert msg.endswith(f"; get it from: {WEIGHTS[key].where}"), (key, msg)
 
 
 def test_cli_main_prints_one_line_and_exits_1():
@@ -91,9 +113,16 @@ def test_read_state_dict_formats_and_refusals(tmp_path):
 
     w = {"fc.weight": torch.arange(6.0).reshape(2, 3)}
     save_file(w, str(tmp_path / "w.safetensors"))
-    torch.save({"state_dict": w}, tmp_path / "w.pth")
-    for name in ("w.safetensors", "w.pth"):
-        assert torch.equal(read_state_dict(tmp_path / name, "test")["fc.weight"], w["fc.weight"])
+    torch.save(w, tmp_path / "plain.pth")  # a bare state dict
+    torch.save({"state_dict": w, "epoch": 3}, tmp_path / "w.pth")  # a checkpoint wrapping it: unwrapped
+    for name in ("w.safetensors", "plain.pth", "w.pth"):
+        assert read_state_dict(tmp_path / name, "test").keys() == w.keys(), name
+        assert torch.equal(read_state_dict(tmp_path / name, "test")["fc.weight"], w["fc.weight"]), name
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(KeeprError, match=r"cut.safetensors: cannot read the test weights: the safetensors file is "
+                                         r"truncated or corrupt"):
+        read_state_dict(tmp_path / "cut.safetensors", "test")
 
     marker = tmp_path / "executed"
 
@@ -102,12 +131,19 @@ def test_read_state_dict_formats_and_refusals(tmp_path):
             return (open, (str(marker), "w"))
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(KeeprError, match="evil.pth"):
+    with pytest.raises(KeeprError, match=r"evil.pth: cannot read the test weights: it holds pickled Python objects.*"
+                                         r"can run code"):
         read_state_dict(tmp_path / "evil.pth", "test")
     assert not marker.exists()
-    (tmp_path / "list.pth").write_bytes(b"")
-    with pytest.raises(KeeprError, match="list.pth"):
+    # A torch file holding tensors but no dict (here a list) is read, then refused: not a state dict.
+    torch.save([w["fc.weight"]], tmp_path / "list.pth")
+    with pytest.raises(KeeprError) as err:
         read_state_dict(tmp_path / "list.pth", "test")
+    assert str(err.value) == f"{tmp_path / 'list.pth'}: the test file does not hold a state_dict (it holds a list)."
+    # An empty file (an interrupted download) is truncated, said so.
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(KeeprError, match=r"empty.pth: cannot read the test weights: the file is truncated"):
+        read_state_dict(tmp_path / "empty.pth", "test")
 
 
 def test_pixel_conversions_round_trip():

@@ -13,8 +13,17 @@ import torch
 
 import generate_pairs
 import training.pairs_module as pairs_module
-from datasets.pairs import MANIFEST, PairDataModule, PairDataset, load_manifest, pair_z, pairs_z
-from keepr.errors import KeeprError
+from datasets.pairs import (
+    MANIFEST,
+    PairDataModule,
+    PairDataset,
+    find_generator,
+    fingerprint,
+    load_manifest,
+    pair_z,
+    pairs_z,
+)
+from keepr.errors import KeeprError, MissingWeightsError
 from keepr.fileio import sha256_file
 from models.stylegan2 import load_generator, make_tiny_generator
 from training.pairs_module import PairRenderer
@@ -89,7 +98,10 @@ def test_dataset_layout_and_items(reference, gen_path):
     m = load_manifest(reference)
     assert m["complete"] and m["num_pairs"] == N and m["seed"] == 0 and m["latent"] == "w"
     assert m["generator"]["sha256"] == sha256_file(gen_path)
-    assert Path(m["generator"]["path"]) == gen_path.resolve()
+    # The generator's path is recorded relative to the pair set (and absolute, for a set moved alone).
+    assert not Path(m["generator"]["path"]).is_absolute()
+    assert (reference / m["generator"]["path"]).resolve() == gen_path.resolve()
+    assert m["generator"]["absolute_path"] == str(gen_path.resolve())
     assert m["generator"]["config"]["img_resolution"] == 64 and m["resolution"] == 64
     assert [(s["start"], s["stop"]) for s in m["shards"]] == [(0, 8), (8, 16), (16, 24)]
     assert sorted(p.name for p in reference.iterdir()) == [MANIFEST] + [s["file"] for s in m["shards"]]
@@ -289,10 +301,10 @@ def test_cli_bad_input(gen_path, tmp_path, capsys):
     assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
 
 
-def test_datamodule_split_and_loaders(reference):
+def test_datamodule_split_and_loaders(reference, gen_path):
     dm = PairDataModule(str(reference), batch_size=4, val_fraction=0.25)
     assert dm.manifest["num_pairs"] == N and dm.resolution == 64
-    assert dm.generator_path == load_manifest(reference)["generator"]["path"]
+    assert Path(dm.generator_path).resolve() == gen_path.resolve()
     assert dm.val_indices == list(range(18, 24)) and dm.train_indices == list(range(18))
     dm.setup("fit")
     val = list(dm.val_dataloader())
@@ -306,6 +318,71 @@ def test_datamodule_split_and_loaders(reference):
     assert PairDataModule(str(reference), val_fraction=0.05).val_indices == [23]  # at least one
     with pytest.raises(KeeprError, match="not a pair dataset"):
         PairDataModule(str(reference.parent / "nowhere"))
+
+
+def test_pair_set_copied_with_its_generator_finds_the_copy(reference, gen_path, tmp_path):
+    """The manifest's relative path: a pair set copied together with its generator (same relative layout) uses the
+    copy, not the original the absolute path names."""
+    rel = load_manifest(reference)["generator"]["path"]
+    pairs = tmp_path / "copy" / reference.parent.name / reference.name
+    shutil.copytree(reference, pairs)
+    gen_copy = Path(os.path.normpath(pairs / rel))
+    assert gen_copy.resolve() != gen_path.resolve() and str(tmp_path) in str(gen_copy)
+    gen_copy.parent.mkdir(parents=True)
+    shutil.copy2(gen_path, gen_copy)
+    assert find_generator(pairs) == gen_copy
+    assert Path(PairDataset(pairs, verify=True).generator_path) == gen_copy
+    # Moved alone (nothing at the relative path): the absolute path still finds the original.
+    alone = tmp_path / "alone" / "pairs"
+    shutil.copytree(reference, alone)
+    assert not (alone / rel).exists() and find_generator(alone) == gen_path.resolve()
+
+
+def test_moved_generator_is_found_by_the_given_path_and_checked(gen_path, tmp_path):
+    """A generator that moved is found by the path the user gives, checked against the recorded sha256; another file
+    (given, or lying at the recorded place) is refused in one line naming both hashes."""
+    home = tmp_path / "weights" / "g.safetensors"
+    home.parent.mkdir()
+    shutil.copy2(gen_path, home)
+    out = tmp_path / "pairs"
+    run(home, out, "--num_pairs", str(SHARD))
+    recorded = load_manifest(out)["generator"]["sha256"]
+    moved = tmp_path / "elsewhere" / "renamed.safetensors"
+    moved.parent.mkdir()
+    home.rename(moved)
+    with pytest.raises(MissingWeightsError) as err:
+        find_generator(out)
+    assert "g.safetensors" in str(err.value) and "--model.generator_path" in str(err.value)
+    assert find_generator(out, moved) == moved
+    other = tmp_path / "other.safetensors"
+    make_tiny_generator(1).save(other)
+    for given in (other, None):
+        if given is None:
+            shutil.copy2(other, home)  # another file at the recorded place
+        with pytest.raises(KeeprError) as err:
+            find_generator(out, given)
+        msg = str(err.value)
+        assert "\n" not in msg and recorded in msg and sha256_file(other) in msg and "made the pairs" in msg, msg
+    with pytest.raises(MissingWeightsError, match="nowhere.pkl"):
+        find_generator(out, tmp_path / "nowhere.pkl")
+
+
+def test_old_manifest_with_an_absolute_path_still_loads(reference, gen_path, tmp_path):
+    """Manifests written before the relative path (``path`` absolute, no ``absolute_path``) load, find their
+    generator and are resumed like any other (the generator's path is not part of the set's identity)."""
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    m = json.loads((out / MANIFEST).read_text())
+    m["generator"] = {"path": str(gen_path.resolve()), "sha256": m["generator"]["sha256"],
+                      "config": m["generator"]["config"]}
+    (out / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
+    assert fingerprint(m) == fingerprint(load_manifest(reference))
+    assert find_generator(out) == gen_path.resolve()
+    assert Path(PairDataModule(str(out)).generator_path) == gen_path.resolve()
+    shards = {p.name: sha256_file(p) for p in out.glob("shard_*")}
+    run(gen_path, out)  # accepted as the same set: nothing rendered again
+    assert {p.name: sha256_file(p) for p in out.glob("shard_*")} == shards
+    assert load_manifest(out)["complete"]
 
 
 @pytest.mark.slow

@@ -116,6 +116,11 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(setup, tmp_path, capsys):
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     other = _make_checkpoint(setup, tmp_path / "other.ckpt", state={"encoder.head.9.weight": torch.zeros(3)})
     torch.save({"weights": torch.zeros(2)}, tmp_path / "not_lightning.ckpt")
+    from keepr.fileio import sha256_file
+    from models.stylegan2 import make_tiny_generator
+
+    other_generator = tmp_path / "other_generator.safetensors"
+    make_tiny_generator(1).save(other_generator)
     changed = tmp_path / "changed_pairs"
     shutil.copytree(setup["pairs"], changed)
     shard = changed / "shard_00000.safetensors"
@@ -131,6 +136,9 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(setup, tmp_path, capsys):
         (["--model.ema_decay", "1.5"], "ema_decay"),
         (["--data.batch_size", "0"], "batch_size"),
         (["--model.generator_path", str(tmp_path / "missing.pkl")], "missing.pkl"),
+        # Another generator than the one that made the pairs: both hashes named.
+        (["--model.generator_path", str(other_generator)], sha256_file(other_generator)),
+        (["--model.generator_path", str(other_generator)], sha256_file(setup["generator"])),
         (["--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt: checkpoint not found"),
         (["--ckpt_path", str(tmp_path / "truncated.ckpt")], "truncated or corrupt"),
         (["--ckpt_path", str(evil)], "can run code"),

@@ -19,40 +19,40 @@ import torch.nn.functional as F
 import yaml
 from torchmetrics import CatMetric, MeanMetric
 
-from datasets.pairs import load_manifest
+from datasets.pairs import find_generator, load_manifest
 from keepr.errors import KeeprError
 from keepr.fileio import sha256_file
-from keepr.registry import missing
 from keepr.images import to_float_image
+from keepr.registry import missing
 from keepr.weights import torch_load_weights
 from models.encoder import Encoder, save_encoder
 
 # ----------------------------------------------------------------------------
 
 
-def resolve_generator_path(generator_path: Optional[str], pairs_root: Optional[str]) -> Path:
-    """The generator to train against: ``generator_path`` if given, else the one named in the pair manifest.
+def resolve_generator(generator_path: Optional[str], pairs_root: Optional[str]) -> tuple[Path, str]:
+    """The generator to train against and its sha256: ``generator_path`` if given, else the one the pair manifest
+    names (its path relative to the pair directory, then its absolute path: :func:`datasets.pairs.find_generator`).
 
-    When both a manifest and a generator are known, their sha256 must agree: an encoder trained on pairs from
-    another generator would be tied to the wrong one at export.
+    With a pair set, the file must have the sha256 its manifest records (a generator that moved is given by its new
+    path and checked): an encoder trained on pairs from another generator would be tied to the wrong one at export.
     """
-    manifest = load_manifest(pairs_root, require_complete=False) if pairs_root else None
-    recorded = (manifest or {}).get("generator") or {}
-    if generator_path:
-        path = Path(generator_path)
-    elif recorded.get("path"):
-        path = Path(recorded["path"])
-        if not path.is_absolute() and not path.exists():
-            path = Path(pairs_root) / path  # Relative to the pair directory.
-    else:
+    if pairs_root:
+        manifest = load_manifest(pairs_root, require_complete=False)
+        path = find_generator(pairs_root, generator_path, manifest)
+        recorded = (manifest.get("generator") or {}).get("sha256")
+        return path, recorded or sha256_file(path)
+    if not generator_path:
         raise KeeprError("no generator: give model.generator_path or a pair directory whose manifest.json names one")
+    path = Path(generator_path)
     if not path.is_file():
-
         raise missing("generator", path)
-    if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
-        raise KeeprError(f"{path}: generator differs from the one that made the pairs in {pairs_root} "
-                         f"(manifest sha256 {recorded['sha256'][:12]}...)")
-    return path
+    return path, sha256_file(path)
+
+
+def resolve_generator_path(generator_path: Optional[str], pairs_root: Optional[str]) -> Path:
+    """The generator file of :func:`resolve_generator` (checked against the pair manifest's sha256)."""
+    return resolve_generator(generator_path, pairs_root)[0]
 
 
 def check_hparams(**hp: Any) -> None:
@@ -139,7 +139,8 @@ class EncoderModule(pl.LightningModule):
                       log_images=log_images, ema_decay=ema_decay, lpips_net=lpips_net)
         from models.stylegan2 import load_generator
 
-        self.generator_path = str(resolve_generator_path(generator_path, pairs_root))
+        path, self.generator_sha256 = resolve_generator(generator_path, pairs_root)
+        self.generator_path = str(path)
         G = load_generator(self.generator_path, device="cpu").eval().requires_grad_(False)
         object.__setattr__(self, "_G", G)  # Not a submodule: frozen, never in checkpoints or DDP.
 
@@ -213,6 +214,7 @@ class EncoderModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["encoder_config"] = dict(self.encoder.init_kwargs)
         checkpoint["generator_path"] = self.generator_path
+        checkpoint["generator_sha256"] = self.generator_sha256
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.encoder(img)
@@ -390,6 +392,12 @@ def checkpoint_generator_path(ckpt_path: str | os.PathLike) -> Optional[str]:
     return read_training_checkpoint(ckpt_path).get("generator_path")
 
 
+def checkpoint_generator_sha256(ckpt_path: str | os.PathLike) -> Optional[str]:
+    """The sha256 of the generator a training checkpoint was made with (None in checkpoints older than this record):
+    pass it to ``save_encoder(generator_sha256=...)`` so an export given a generator that moved is checked."""
+    return read_training_checkpoint(ckpt_path).get("generator_sha256")
+
+
 class ExportEncoder(pl.Callback):
     """After fit, write the encoder (best checkpoint by the monitored metric if any, else the final weights) to ``path``.
 
@@ -421,5 +429,6 @@ class ExportEncoder(pl.Callback):
         extra = {"source": str(source), "global_step": int(trainer.global_step)}
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
             extra[str(ckpt_cb.monitor)] = float(ckpt_cb.best_model_score)
-        self.exported = save_encoder(encoder, path, pl_module.generator_path, extra=extra)
+        self.exported = save_encoder(encoder, path, pl_module.generator_path, extra=extra,
+                                     generator_sha256=pl_module.generator_sha256)
         print(f"exported encoder ({source}) to {self.exported}")

@@ -1,22 +1,23 @@
 """Pair generation with Lightning: ``Trainer.predict`` renders pair indices; a prediction writer stores shards.
 
-* :class:`PairPlanDataModule` decides which shards are still missing, malformed or changed (sha256) in the output
-  directory (rank 0 prepares the directory, the list is broadcast) and hands each rank whole shards: rank r gets the r-th, (r+W)-th, ... missing
-  shard. Its loader yields ``{"index", "z"}`` with ``z`` drawn per index (:func:`datasets.pairs.pair_z`).
+The pair format itself (manifest schema, shard layout, output-directory checks) is :mod:`datasets.pairs`; this module
+only renders and writes.
+
+* :class:`PairPlanDataModule` asks :func:`datasets.pairs.prepare_out_dir` which shards are still missing, malformed or
+  changed (sha256) in the output directory (rank 0 prepares the directory, the list is broadcast) and hands each rank
+  whole shards: rank r gets the r-th, (r+W)-th, ... missing shard. Its loader yields ``{"index", "z"}`` with ``z``
+  drawn per index (:func:`datasets.pairs.pair_z`).
 * :class:`PairRenderer` (the LightningModule) maps and synthesizes. To keep pair i independent of the batch size and
   of the device count, the generator always runs on micro-batches of exactly ``render_batch`` rows, pair i sitting in
   row ``i % render_batch`` of micro-batch ``i // render_batch`` (missing rows are zero-padded). Matrix kernels pick
   their blocking from the batch shape, so this fixed shape is what makes the bits reproducible.
 * :class:`PairShardWriter` collects rows per shard, writes each shard atomically once it is full, and at the end
-  (teardown, after a barrier) rank 0 checks every shard, hashes the new ones and marks the manifest complete.
+  (teardown, after a barrier) rank 0 checks every shard, hashes the new ones and marks the manifest complete
+  (:func:`datasets.pairs.finalize_out_dir`).
 * :class:`PairsProgressBar` counts pairs, so the bar shows pairs/s.
 """
 from __future__ import annotations
 
-import copy
-import json
-import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -28,235 +29,16 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.pairs import (
-    FORMAT, FORMAT_VERSION, MANIFEST, check_shard, fingerprint, fingerprint_id, pair_z, shard_changed, shard_name,
-    shard_ranges, shard_stat, write_shard,
+    finalize_out_dir,
+    fingerprint_id,
+    pair_z,
+    prepare_out_dir,
+    shard_name,
+    shard_ranges,
+    write_shard,
 )
 from keepr.errors import KeeprError
-from keepr.fileio import sha256_file, write_text_atomic
 from keepr.images import to_uint8
-
-_OUR_FILES = re.compile(r"^(shard_\d{5}\.safetensors|\.shard_\d{5}\.safetensors\..*\.tmp|\.manifest\.json\..*\.tmp)$")
-_TEMP_FILES = re.compile(r"^\.(shard_\d{5}\.safetensors|manifest\.json)\..*\.tmp$")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Output directory: checks (read-only) and preparation (rank 0 only).
-
-def _describe_difference(old: dict, new: dict) -> str:
-    a, b = fingerprint(old), fingerprint(new)
-    diffs = [f"{k} {a[k]!r} (now {b[k]!r})" for k in b if a.get(k) != b[k]]
-    return ", ".join(diffs)
-
-
-def _read_old_manifest(out: Path) -> dict | None:
-    """The manifest already in ``out`` (None if there is none or it cannot be read)."""
-    try:
-        old = json.loads((out / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def check_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool, extend: bool = False) -> None:
-    """Refuse (KeeprError) an output directory that this run must not write into; never changes anything.
-
-    Accepted: a missing or empty directory; a pair directory with the same fingerprint and the same number of pairs
-    (resume, repair); the same fingerprint and more pairs with ``extend``; any pair directory with ``overwrite``. A
-    different ``--num_pairs`` is other settings like a different seed: a set is never shrunk (its shards deleted or
-    rewritten) without ``overwrite``. A non-empty directory that is not a pair directory is always refused.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise KeeprError(f"{out}: exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    path = out / MANIFEST
-    if not path.is_file():
-        raise KeeprError(f"{out}: exists, is not empty and is not a pair dataset (no {MANIFEST}); "
-                         f"choose a new or empty --out_dir")
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        if overwrite:
-            return
-        raise KeeprError(f"{path}: unreadable manifest ({exc}); use --overwrite to replace the dataset") from None
-    if not isinstance(old, dict) or old.get("format") != manifest["format"]:
-        raise KeeprError(f"{path}: not a KEEP:R pair manifest; choose a new or empty --out_dir")
-    if overwrite:
-        return
-    if fingerprint(old) != fingerprint(manifest):
-        raise KeeprError(f"{out}: made with other settings: {_describe_difference(old, manifest)}; "
-                         f"use --overwrite to replace it or choose another --out_dir")
-    have, want = old.get("num_pairs"), manifest["num_pairs"]
-    if have == want:
-        return
-    if not isinstance(have, int) or isinstance(have, bool) or have < 1:
-        raise KeeprError(f"{path}: invalid num_pairs {have!r}; use --overwrite to replace the dataset")
-    if want > have and extend:
-        return
-    if want > have:
-        raise KeeprError(f"{out}: holds {have} pairs, --num_pairs is {want}: use --extend to add pairs {have}..{want - 1} "
-                         f"(the existing ones are kept), --overwrite to replace the set, or another --out_dir")
-    raise KeeprError(f"{out}: holds {have} pairs, --num_pairs is {want}: a pair set is never shrunk without "
-                     f"--overwrite (which deletes pairs {want}..{have - 1}); choose another --out_dir to keep it"
-                     + ("; --extend only adds pairs" if extend else ""))
-
-
-def _known_records(out: Path, manifest: dict, overwrite: bool) -> dict[str, dict]:
-    """Shard records (sha256, size, mtime) of the existing manifest that still apply to this run's plan, by file."""
-    old = None if overwrite else _read_old_manifest(out)
-    if not old or fingerprint(old) != fingerprint(manifest):
-        return {}
-    plan = {s["file"]: (s["start"], s["stop"]) for s in manifest["shards"]}
-    known = {}
-    for rec in old.get("shards") or []:
-        if isinstance(rec, dict) and plan.get(rec.get("file")) == (rec.get("start"), rec.get("stop")) \
-                and rec.get("sha256"):
-            known[rec["file"]] = {k: rec[k] for k in ("sha256", "size", "mtime_ns") if k in rec}
-    return known
-
-
-def prepare_out_dir(out_dir: str | os.PathLike, manifest: dict, overwrite: bool, extend: bool = False,
-                    verify: bool = False, log=None) -> list[int]:
-    """Make ``out_dir`` ready for this run and return the shards to render.
-
-    Wipes our files on ``overwrite``, drops temporary files and shards that are not part of this plan, finds the
-    shards that are missing, malformed or changed since their hash was recorded (:func:`missing_shards`) and, when
-    anything is to be rendered, writes the manifest marked incomplete (keeping the recorded hashes). A complete set
-    with nothing to do is left untouched.
-    """
-    check_out_dir(out_dir, manifest, overwrite, extend)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    known = _known_records(out, manifest, overwrite)
-    planned = {s["file"] for s in manifest["shards"]}
-    for p in out.iterdir():
-        if not _OUR_FILES.match(p.name):
-            continue
-        if overwrite or _TEMP_FILES.match(p.name) or p.name not in planned:
-            p.unlink()
-    todo = missing_shards(out, manifest, known, verify=verify, log=log)
-    old = _read_old_manifest(out)
-    if todo or not (old and old.get("complete")) or old.get("num_pairs") != manifest["num_pairs"]:
-        incomplete = copy.deepcopy(manifest)
-        incomplete["complete"] = False
-        for rec in incomplete["shards"]:
-            k = known.get(rec["file"])
-            if k:
-                # A shard to be rendered again keeps only its expected hash, never a size/mtime taken as valid.
-                rec.update({"sha256": k["sha256"]} if _shard_index(rec["file"]) in todo else k)
-        write_text_atomic(out / MANIFEST, json.dumps(incomplete, indent=2) + "\n")
-    return todo
-
-
-def _shard_index(name: str) -> int:
-    return int(name[len("shard_"):len("shard_") + 5])
-
-
-def missing_shards(out_dir: str | os.PathLike, manifest: dict, known: dict[str, dict] | None = None,
-                   verify: bool = False, log=None) -> list[int]:
-    """Indices of the planned shards that are not present and valid: missing, malformed, or (for a shard with a
-    recorded sha256 in ``known``) changed since it was hashed (:func:`datasets.pairs.shard_changed`)."""
-    fp = fingerprint_id(manifest)
-    known = known or {}
-    todo = []
-    for k, (start, stop) in enumerate(shard_ranges(manifest["num_pairs"], manifest["shard_size"])):
-        path = Path(out_dir) / shard_name(k)
-        why = check_shard(path, start, stop, fp, manifest["resolution"], manifest["z_dim"], manifest["w_dim"])
-        if why is None and path.name in known and shard_changed(path, known[path.name], verify=verify):
-            why = "sha256 differs from the manifest (the shard changed since it was generated)"
-        if why is not None:
-            if log is not None and why != "missing":
-                log(f"{path}: {why}; rendering it again")
-            todo.append(k)
-    return todo
-
-
-def finalize_out_dir(out_dir: str | os.PathLike, manifest: dict, rendered: set[int] | None = None) -> dict:
-    """Check every shard, record its sha256, size and mtime, and write the manifest marked complete (rank 0, after
-    all shards exist).
-
-    A shard not rendered by this run whose size and mtime match the record in the manifest on disk keeps its recorded
-    hash (the fast path); every other shard is hashed. A shard rendered again must reproduce its recorded hash: if it
-    does not, this machine renders other bits than the one that made the set, and the set is left incomplete. The
-    manifest file is only rewritten when its content changes.
-    """
-    out = Path(out_dir)
-    fp = fingerprint_id(manifest)
-    rendered = set(rendered or ())
-    on_disk = _read_old_manifest(out) or {}
-    records = {r.get("file"): r for r in on_disk.get("shards") or [] if isinstance(r, dict)}
-    if fingerprint(on_disk) != fingerprint(manifest):
-        records = {}
-    shards = []
-    for k, (start, stop) in enumerate(shard_ranges(manifest["num_pairs"], manifest["shard_size"])):
-        path = out / shard_name(k)
-        why = check_shard(path, start, stop, fp, manifest["resolution"], manifest["z_dim"], manifest["w_dim"])
-        if why is not None:
-            raise KeeprError(f"{path}: {why} after generation")
-        rec = records.get(path.name, {})
-        if (rec.get("start"), rec.get("stop")) != (start, stop):
-            rec = {}
-        stat = shard_stat(path)
-        if k not in rendered and rec.get("sha256") and {"size": rec.get("size"), "mtime_ns": rec.get("mtime_ns")} == stat:
-            digest = rec["sha256"]
-        else:
-            digest = sha256_file(path)
-            if rec.get("sha256") and digest != rec["sha256"] and k in rendered:
-                raise KeeprError(f"{path}: rendered again but its sha256 differs from the one recorded when the set was "
-                                 f"made: this machine (torch {torch.__version__}) renders other bits; regenerate the "
-                                 f"whole set with --overwrite or finish it where it was made")
-            if rec.get("sha256") and digest != rec["sha256"]:
-                raise KeeprError(f"{path}: changed while generate_pairs.py was running (sha256 differs from the "
-                                 f"manifest); run it again to render the shard again")
-        shards.append({"file": path.name, "start": start, "stop": stop, "sha256": digest, **stat})
-    done = copy.deepcopy(manifest)
-    done["shards"] = shards
-    done["complete"] = True
-    text = json.dumps(done, indent=2) + "\n"
-    try:
-        same = (out / MANIFEST).read_text() == text
-    except (OSError, UnicodeDecodeError):
-        same = False
-    if not same:
-        write_text_atomic(out / MANIFEST, text)
-    return done
-
-
-def build_manifest(generator: torch.nn.Module, generator_path: str, generator_sha256: str, seed: int, num_pairs: int,
-                   truncation_psi: float = 1.0, shard_size: int = 500, render_batch: int = 1,
-                   noise_mode: str = "const") -> dict:
-    """The manifest of a run (shard list and ``complete`` are filled in by :func:`finalize_out_dir`)."""
-    G = generator
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "complete": False,
-        "generator": {
-            "path": str(Path(generator_path).resolve()),
-            "sha256": generator_sha256,
-            "config": getattr(G, "init_kwargs", None),
-        },
-        "seed": int(seed),
-        "num_pairs": int(num_pairs),
-        "truncation": {"psi": float(truncation_psi), "cutoff": None},
-        "noise_mode": noise_mode,
-        "render_batch": int(render_batch),
-        "resolution": int(G.img_resolution),
-        "latent": "w",
-        "z_dim": int(G.z_dim),
-        "w_dim": int(G.w_dim),
-        "num_ws": int(G.num_ws),
-        "shard_size": int(shard_size),
-        "sampling": "z_i = numpy PCG64(SeedSequence([seed, i])).standard_normal(z_dim) as float32; "
-                    "w_i = G.mapping(z_i, truncation_psi)[:, 0]; image_i = (G.synthesis(ws_i, noise_mode) * 127.5 + 128)"
-                    ".clamp(0, 255) as uint8 RGB [3, R, R]; generator micro-batch render_batch, pair i in row "
-                    "i % render_batch",
-        "torch_version": torch.__version__,
-        "shards": [{"file": shard_name(k), "start": a, "stop": b}
-                   for k, (a, b) in enumerate(shard_ranges(num_pairs, shard_size))],
-    }
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: which pairs this rank renders.
