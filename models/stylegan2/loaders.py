@@ -20,20 +20,19 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+import yaml
+from safetensors import SafetensorError, safe_open
 
 from keepr.errors import KeeprError
-from keepr.fileio import atomic_path
 from keepr.registry import missing
 from keepr.weights import torch_load_weights
 
-from .networks import Generator, _jsonable
+from .networks import KEEPR_FORMAT, KEEPR_FORMAT_VERSION, Generator, _jsonable, setup_filter
 from .safe_pickle import PersistentRecord, flatten_record, safe_load_network_pickle
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "generator"
 
-KEEPR_FORMAT = "keepr.stylegan2.generator"
-KEEPR_FORMAT_VERSION = "1"
 
 _MAPPING_KEYS = {"num_layers", "embed_features", "layer_features", "activation", "lr_multiplier", "w_avg_beta"}
 _SYNTHESIS_KEYS = {"channel_base", "channel_max", "num_fp16_res", "conv_clamp", "architecture", "resample_filter",
@@ -80,8 +79,6 @@ def normalize_init_kwargs(kwargs: Mapping[str, Any], source: str = "config") -> 
 
 def load_generator_config(config: str | Path) -> dict:
     """``init_kwargs`` from a YAML/JSON file (``configs/generator/*.yaml``) or a config name ('tiny', 'ffhq256', ...)."""
-    import yaml
-
     path = Path(config)
     if not path.exists() and not path.suffix:
         path = CONFIG_DIR / f"{config}.yaml"
@@ -131,20 +128,6 @@ def make_tiny_generator(seed: int = 0, config: str | Path = "tiny") -> Generator
     G = build_generator(load_generator_config(config), seed=seed, source=str(config))
     compute_w_avg(G, num_samples=10000, seed=seed)
     return G.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving (KEEP:R format).
-
-def save_generator(G: Generator, path: str | Path) -> None:
-    """Write KEEP:R's format atomically: NVlabs-named tensors in a .safetensors, ``init_kwargs`` JSON in its metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in G.state_dict().items()}
-    metadata = {"format": KEEPR_FORMAT, "format_version": KEEPR_FORMAT_VERSION,
-                "init_kwargs": json.dumps(G.init_kwargs, sort_keys=True)}
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,8 +225,6 @@ def _load_torch_checkpoint(path: Path) -> Generator:
 
 
 def _load_safetensors(path: Path) -> Generator:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -432,8 +413,6 @@ def generator_from_rosinality(state: Mapping[str, torch.Tensor], latent_avg: Opt
 
 def _filters(init_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The constant ``resample_filter`` buffers of a generator config."""
-    from .networks import setup_filter
-
     f = setup_filter(init_kwargs["synthesis_kwargs"].get("resample_filter", [1, 3, 3, 1]))
     out = {}
     log2 = int(init_kwargs["img_resolution"]).bit_length() - 1

@@ -15,13 +15,21 @@ Three execution paths for a synthesis layer give the same result (to ~1e-5), cho
 """
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext as _nullcontext
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from keepr.fileio import atomic_path
+
+KEEPR_FORMAT = "keepr.stylegan2.generator"
+KEEPR_FORMAT_VERSION = "1"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Elementwise ops.
@@ -633,8 +641,19 @@ class Generator(torch.nn.Module):
 
     def save(self, path) -> None:
         """Write KEEP:R's format: one .safetensors file, constructor config as JSON in its metadata (atomic)."""
-        from .loaders import save_generator
         save_generator(self, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving (KEEP:R format; loading is in loaders.py).
+
+def save_generator(G: Generator, path: str | Path) -> None:
+    """Write KEEP:R's format atomically: NVlabs-named tensors in a .safetensors, ``init_kwargs`` JSON in its metadata."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in G.state_dict().items()}
+    metadata = {"format": KEEPR_FORMAT, "format_version": KEEPR_FORMAT_VERSION,
+                "init_kwargs": json.dumps(G.init_kwargs, sort_keys=True)}
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch._tensor as tt
+import torch._utils as tu
 
 from keepr.errors import KeeprError
 from keepr.weights import read_error_cause
@@ -79,8 +81,6 @@ def _numpy_scalar(dtype, data=None):
 
 
 def _allowed_globals() -> dict[tuple[str, str], Callable]:
-    import torch._utils as tu
-
     allowed: dict[tuple[str, str], Callable] = {
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
         ("dnnlib.util", "EasyDict"): EasyDict,
@@ -117,7 +117,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     # torch._tensor._rebuild_from_type_v2 with the callables already vetted by find_class; only plain tensor types.
     if new_type not in (torch.Tensor, torch.nn.Parameter):
         raise pickle.UnpicklingError(f"refusing tensor subclass {new_type!r}")
-    import torch._tensor as tt
     return tt._rebuild_from_type_v2(func, new_type, args, state)
 
 
