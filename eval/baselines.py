@@ -6,8 +6,9 @@ face box grown by ``margin`` of its size on each side (dlib's box is tight aroun
 forehead, cheeks and chin as a human editor would). Their strength is tied to the face size so that small and large
 faces are treated alike.
 
-Every method maps (frames, boxes) to anonymized frames; ``keepr`` runs ``anonymizer.pipeline`` on the video file
-(which tracks with the same ``anonymizer.tracking.FaceTracker``) and reads its output back.
+Every method maps (frames, boxes) to anonymized frames, one frame at a time; the boxes come from the pipeline's own
+pass 1 (:func:`track_target`, ``anonymizer.scan.track_faces``); ``keepr`` runs ``anonymizer.pipeline`` on the video
+file with ``--face largest`` (the same pass 1, the same person) and its output is read back frame by frame.
 """
 from __future__ import annotations
 
@@ -73,49 +74,43 @@ def keepr_settings(options: dict | None = None):
 
 
 def track_target(
-    frames: Sequence[np.ndarray],
+    video: str | Path,
     settings=None,
+    recognizer=None,
+    max_frames: int | None = None,
     progress: bool = False,
-    desc: str = "track",
 ) -> list[tuple[float, float, float, float] | None]:
-    """The target face's smoothed box in every frame (None where it is lost), tracked as ``infer.py`` tracks it.
+    """The evaluated face's smoothed box in every frame (None where it is lost): the pipeline's own pass 1.
 
-    ``settings`` is an ``InferSettings`` (default: the pipeline's defaults); its ``detect``, ``track`` and ``face``
-    parts are used with ``anonymizer.tracking.FaceTracker``, so every method anonymizes the region KEEP:R replaces.
+    ``anonymizer.scan.track_faces`` runs over the WHOLE video exactly as ``infer.py`` runs it (``settings``: an
+    ``InferSettings``, default the pipeline's defaults; ``recognizer``: the dlib ``FaceRecognizer`` that links tracks
+    into persons, as ``anonymizer.pipeline.load_models`` makes it); the target is the most prominent person
+    (``scan.persons[0]``, what ``--face largest`` swaps) and its boxes are ``Person.timeline`` with the track
+    settings, the boxes the pipeline renders. Only then are the first ``max_frames`` kept, so every method of the
+    evaluation, ``keepr`` included, works on the same boxes whatever ``--max_frames`` is. Memory: the frames are
+    streamed (one image per track is kept). Raises KeeprError when no person is found.
     """
-    from anonymizer.faces import detect_faces
-    from anonymizer.pipeline import InferSettings, parse_face
-    from anonymizer.tracking import FaceTracker, select_tracks
+    from anonymizer.identity import FaceRecognizer
+    from anonymizer.pipeline import InferSettings, tqdm_progress
+    from anonymizer.scan import track_faces
 
     s = settings or InferSettings()
-    d, t = s.detect, s.track
-    tracker = FaceTracker(iou_threshold=t.iou_threshold, max_age=t.max_age, link_distance=t.link_distance,
-                          min_detections=t.min_detections, keep_images=False)
-    it = enumerate(frames)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, total=len(frames), desc=desc, leave=False, unit="frame")
-    for i, frame in it:
-        faces = detect_faces(frame, d.detector, d.upsample, d.min_size, d.max_side) if i % d.every == 0 else None
-        tracker.update(i, faces)
-    which = parse_face(s.face)
-    if which == "all":
-        which = "largest"  # the evaluation follows one face a video: the largest
-    track = select_tracks(tracker.finish(), which, source="video")[0]
-    return [None if tb.box is None else tuple(float(v) for v in tb.box)
-            for tb in track.timeline(len(frames), t.max_gap, t.hold, t.smooth_radius)]
+    scan = track_faces(video, s, recognizer if recognizer is not None else FaceRecognizer(),
+                       progress=tqdm_progress(True) if progress else None)
+    if not scan.persons:  # the evaluation's own message (results.csv, its tests): the pipeline's is scan-specific
+        raise KeeprError(f"{video}: no face found in any frame")
+    t = s.track
+    timeline = scan.persons[0].timeline(scan.num_frames, t.max_gap, t.hold, t.smooth_radius)
+    boxes = [None if tb.box is None else tuple(float(v) for v in tb.box) for tb in timeline]
+    return boxes if max_frames is None else boxes[:max_frames]
 
 
-def keepr_frames(video: str | Path, out_dir: str | Path, num_frames: int | None, settings) -> list[np.ndarray]:
-    """Run the KEEP:R pipeline (``anonymizer.pipeline.anonymize_video``) and read back its first ``num_frames``."""
+def keepr_frames(video: str | Path, out_dir: str | Path, settings) -> Iterator[np.ndarray]:
+    """Run the KEEP:R pipeline (``anonymizer.pipeline.anonymize_video``, whole video) into ``out_dir``, then yield its
+    output frames one by one (streamed: the caller stops when it has enough)."""
     from anonymizer.pipeline import anonymize_video
     from anonymizer.video import VideoReader
 
     anonymize_video(video, out_dir, settings)
-    frames = []
     for f in VideoReader(Path(out_dir) / "anonymized.mp4"):
-        if num_frames is not None and len(frames) >= num_frames:
-            break
-        frames.append(f.image)
-    return frames
+        yield f.image

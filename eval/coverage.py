@@ -9,7 +9,7 @@ leaves the others, and this counts them: a method that leaves faces visible cann
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -18,13 +18,17 @@ from anonymizer.coverage import inner_points, ranges
 MIN_CHANGE = 6.0  # mean absolute change (grey levels) over a face's inner box that counts as anonymized
 
 
-def faces_in_frames(frames: Sequence[np.ndarray], settings) -> list[list[tuple]]:
-    """Per frame, the (x0, y0, x1, y1) of every face the coverage detector of ``settings`` finds."""
+def faces_in_frame(image: np.ndarray, settings) -> list[tuple]:
+    """The (x0, y0, x1, y1) of every face the coverage detector of ``settings`` finds in one frame."""
     from anonymizer.faces import detect_faces
 
     detector, upsample = settings.coverage_detector()
-    return [[tuple(float(v) for v in f.box) for f in detect_faces(img, detector, upsample, 0, settings.detect.max_side)]
-            for img in frames]
+    return [tuple(float(v) for v in f.box) for f in detect_faces(image, detector, upsample, 0, settings.detect.max_side)]
+
+
+def faces_in_frames(frames: Iterable[np.ndarray], settings) -> list[list[tuple]]:
+    """Per frame, the (x0, y0, x1, y1) of every face the coverage detector of ``settings`` finds."""
+    return [faces_in_frame(img, settings) for img in frames]
 
 
 def inner_change(original: np.ndarray, anonymized: np.ndarray, box: Sequence[float]) -> float:
@@ -40,14 +44,32 @@ def inner_change(original: np.ndarray, anonymized: np.ndarray, box: Sequence[flo
     return float(np.abs(original[c:d, a:b].astype(np.int16) - anonymized[c:d, a:b].astype(np.int16)).mean())
 
 
-def faces_left(original: Sequence[np.ndarray], anonymized: Sequence[np.ndarray], faces: list[list[tuple]],
+class FacesLeft:
+    """"Faces left" of one method on one clip, accumulated frame by frame: ``update(original, anonymized, faces)``
+    per frame in order, then ``compute()``."""
+
+    def __init__(self, min_change: float = MIN_CHANGE):
+        self.min_change = min_change
+        self.seen = 0
+        self.left: list[int] = []
+        self.index = 0
+
+    def update(self, original: np.ndarray, anonymized: np.ndarray, faces: Sequence[tuple]) -> None:
+        for box in faces:
+            self.seen += 1
+            if inner_change(original, anonymized, box) < self.min_change:
+                self.left.append(self.index)
+        self.index += 1
+
+    def compute(self) -> dict:
+        text = ", ".join(f"{x}-{y}" if x != y else f"{x}" for x, y in ranges(self.left))
+        return {"faces_seen": self.seen, "faces_left": len(self.left), "faces_left_frames": text}
+
+
+def faces_left(original: Iterable[np.ndarray], anonymized: Iterable[np.ndarray], faces: list[list[tuple]],
                min_change: float = MIN_CHANGE) -> dict:
     """``faces_seen``, ``faces_left`` and ``faces_left_frames`` ("a-b, c" ranges) of one method on one clip."""
-    seen, left = 0, []
-    for i, (a, b, fs) in enumerate(zip(original, anonymized, faces)):
-        for box in fs:
-            seen += 1
-            if inner_change(a, b, box) < min_change:
-                left.append(i)
-    text = ", ".join(f"{x}-{y}" if x != y else f"{x}" for x, y in ranges(left))
-    return {"faces_seen": seen, "faces_left": len(left), "faces_left_frames": text}
+    acc = FacesLeft(min_change)
+    for a, b, fs in zip(original, anonymized, faces):
+        acc.update(a, b, fs)
+    return acc.compute()

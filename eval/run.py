@@ -34,7 +34,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -127,19 +127,31 @@ def photo_identity(path: Path) -> str:
     return f"{path.parent.name}_{path.stem}"
 
 
-def read_frames(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
-    """Decoded RGB frames (the first ``max_frames``) and the frame rate."""
+def iter_frames(path: Path, n: int) -> Iterator[np.ndarray]:
+    """The first ``n`` decoded RGB frames of ``path``, one at a time (nothing but the current frame is held)."""
     from anonymizer.video import VideoReader
 
-    reader = VideoReader(path)
-    frames = []
-    for frame in reader:
-        if max_frames is not None and len(frames) >= max_frames:
-            break
-        frames.append(frame.image)
-    if not frames:
-        raise KeeprError(f"{path}: no frames decoded")
-    return frames, float(reader.fps)
+    k = 0
+    if n <= 0:
+        return
+    for frame in VideoReader(path):
+        yield frame.image
+        k += 1
+        if k >= n:
+            return
+
+
+def take(frames: Iterable[np.ndarray], n: int, what: str) -> Iterator[np.ndarray]:
+    """The first ``n`` of ``frames``; KeeprError "<what> has K frames, expected N" when there are fewer."""
+    k = 0
+    if n > 0:
+        for frame in frames:
+            yield frame
+            k += 1
+            if k >= n:
+                return
+    if k < n:
+        raise KeeprError(f"{what} has {k} frames, expected {n}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,21 +206,46 @@ class ClipScore:
 
 def score_method(
     name: str,
-    original: list[np.ndarray],
-    anonymized: list[np.ndarray],
+    frames: Iterable[tuple[np.ndarray, np.ndarray]],
     boxes: list,
     reference: list[M.FaceMeasurement],
     measurer: M.FaceMeasurer,
     settings: EvalSettings,
     gallery: tuple[np.ndarray, list[str]] | None = None,
     progress_desc: str = "",
+    faces: list[list[tuple]] | None = None,
+    arcface_reference: list | None = None,
 ) -> ClipScore:
-    """All metrics of one anonymized clip against its original."""
-    it = zip(anonymized, boxes)
+    """All metrics of one anonymized clip against its original, streamed: ``frames`` yields (original, anonymized)
+    pairs, one per box, and every metric accumulates per frame (the temporal ones keep only the previous frame;
+    FID/KID/LPIPS keep small face crops). ``faces`` (the coverage faces per frame) adds the "faces left" columns,
+    ``arcface_reference`` (the original's ArcFace embeddings per frame) ``arcface_similarity``."""
+    n = len(boxes)
+    it = frames
     if settings.progress:
-        it = tqdm(it, total=len(anonymized), desc=progress_desc or f"measure {name}", leave=False, unit="frame")
-    # Frames where the target is lost carry no reference face: nothing to compare, nothing measured.
-    anon = [measurer.measure(frame, box) if box is not None else M.FaceMeasurement.missing() for frame, box in it]
+        it = tqdm(it, total=n, desc=progress_desc or f"measure {name}", leave=False, unit="frame")
+    anon: list[M.FaceMeasurement] = []
+    temporal = T.TemporalStability()
+    left = C.FacesLeft() if faces is not None else None
+    quality = ImageQuality(settings.inception_weights, settings.lpips_weights)
+    crops_orig, crops_anon = [], []
+    arc_anon: list = []
+    image_size = None
+    for i, (orig, frame) in enumerate(it):
+        box = boxes[i]
+        image_size = image_size or orig.shape[:2]
+        # Frames where the target is lost carry no reference face: nothing to compare, nothing measured.
+        anon.append(measurer.measure(frame, box) if box is not None else M.FaceMeasurement.missing())
+        temporal.update(orig, frame, box)
+        if left is not None:
+            left.update(orig, frame, faces[i])
+        if quality.needs_crops and box is not None:
+            crops_orig.append(_crop(orig, box, settings.crop_size))
+            crops_anon.append(_crop(frame, box, settings.crop_size))
+        if arcface_reference is not None:
+            arc_anon.append(_arcface_embedding(settings.arcface, frame, reference[i]))
+    if len(anon) != n:
+        raise KeeprError(f"{name}: got {len(anon)} frames for {n} boxes")
     has_face = np.array([b is not None for b in boxes])
     ref_desc, anon_desc = _stack(reference, "descriptor"), _stack(anon, "descriptor")
     ref_desc = np.where(has_face[:, None], ref_desc, np.nan)
@@ -228,7 +265,7 @@ def score_method(
     fd.update(ref_desc[has_face], np.stack(detected) if detected else np.zeros((0, M.DESCRIPTOR_DIM)))
     row.update(fd.compute())
     lp = M.LandmarkPoseError()
-    lp.update(_stack(reference, "landmarks"), _stack(anon, "landmarks"), original[0].shape[:2])
+    lp.update(_stack(reference, "landmarks"), _stack(anon, "landmarks"), image_size)
     row.update(lp.compute())
 
     # Whole-track attack: average the anonymized descriptors over the clip and compare with the original's average.
@@ -247,15 +284,15 @@ def score_method(
         row["track_attack_distance"] = float("nan")
         row["track_attack_match@0.6"] = 0.0 if ok_ref.any() else float("nan")  # nothing to average: no leak
 
-    row.update(T.temporal_summary(original, anonymized, boxes, distances))
-
-    quality = ImageQuality(settings.inception_weights, settings.lpips_weights)
-    if quality.needs_crops:
-        idx = [i for i, b in enumerate(boxes) if b is not None]
-        if idx:
-            quality.update(np.stack([_crop(original[i], boxes[i], settings.crop_size) for i in idx]),
-                           np.stack([_crop(anonymized[i], boxes[i], settings.crop_size) for i in idx]))
+    row.update(temporal.compute(distances))
+    if crops_orig:
+        quality.update(np.stack(crops_orig), np.stack(crops_anon))
     row.update(quality.compute())
+    if left is not None:
+        row.update(left.compute())
+    if settings.arcface:
+        row["arcface_similarity"] = (ARCFACE_UNAVAILABLE if arcface_reference is None else
+                                     _mean_similarity(arcface_reference, arc_anon))
     return ClipScore(row=row, distances=distances, anonymized=anon)
 
 
@@ -273,33 +310,41 @@ def evaluate_video(
     unless ``failures`` is given: then it is appended there (a :class:`ClipFailure` naming the file) and the other
     methods go on.
     """
-    frames, _fps = read_frames(path, settings.max_frames)
     infer_settings = keepr_settings(settings.keepr)
     infer_settings.progress = settings.progress
-    boxes = track_target(frames, infer_settings, progress=settings.progress, desc=f"track {path.name}")
+    # The pipeline's own pass 1 over the whole video (as infer.py and the keepr method run it), then --max_frames.
+    boxes = track_target(path, infer_settings, _recognizer(), settings.max_frames, progress=settings.progress)
     if all(b is None for b in boxes):
         raise KeeprError(f"{path}: no face found in any frame")
-    it = zip(frames, boxes)
+    n = len(boxes)
+    # The original, streamed once for its reference measurements (a few numbers per frame).
+    reference: list[M.FaceMeasurement] = []
+    seen: list[list[tuple]] = []
+    arc_ref: list | None = [] if settings.arcface else None
+    it = zip(take(iter_frames(path, n), n, str(path)), boxes)
     if settings.progress:
-        it = tqdm(it, total=len(frames), desc=f"measure original {path.name}", leave=False, unit="frame")
-    reference = [measurer.measure(f, b) if b is not None else M.FaceMeasurement.missing() for f, b in it]
-    seen = C.faces_in_frames(frames, infer_settings)
-    arc_ref = _arcface_embeddings(settings.arcface, frames, reference) if settings.arcface else None
+        it = tqdm(it, total=n, desc=f"measure original {path.name}", leave=False, unit="frame")
+    for f, b in it:
+        reference.append(measurer.measure(f, b) if b is not None else M.FaceMeasurement.missing())
+        seen.append(C.faces_in_frame(f, infer_settings))
+        if arc_ref is not None:
+            arc_ref.append(_arcface_embedding(settings.arcface, f, reference[-1]))
     scores: dict[str, ClipScore] = {}
     for name in settings.methods:
         try:
-            if name == "keepr":
-                with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-                    anonymized = keepr_frames(path, Path(tmp) / "keepr", len(frames), infer_settings)
-                if len(anonymized) != len(frames):
-                    raise KeeprError(f"{path}: KEEP:R output has {len(anonymized)} frames, expected {len(frames)}")
-            else:
-                anonymized = list(PixelMethod(name, margin=settings.margin)(frames, boxes))
-            score = score_method(name, frames, anonymized, boxes, reference, measurer, settings, gallery,
-                                 progress_desc=f"measure {name} {path.name}")
-            score.row.update(C.faces_left(frames, anonymized, seen))
-            score.row["arcface_similarity"] = (ARCFACE_UNAVAILABLE if arc_ref is None else
-                                               arcface_similarity(settings.arcface, anonymized, reference, arc_ref))
+            with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+                original = take(iter_frames(path, n), n, str(path))
+                if name == "keepr":  # the whole video through the pipeline, its output read back in lockstep
+                    out = take(keepr_frames(path, Path(tmp) / "keepr", infer_settings), n, f"{path}: KEEP:R output")
+                    pairs = zip(original, out)
+                else:
+                    method = PixelMethod(name, margin=settings.margin)
+                    pairs = ((f, method.apply(f, b)) for f, b in zip(original, boxes))
+                score = score_method(name, pairs, boxes, reference, measurer, settings, gallery,
+                                     progress_desc=f"measure {name} {path.name}", faces=seen,
+                                     arcface_reference=arc_ref)
+            if not settings.arcface:
+                score.row["arcface_similarity"] = ARCFACE_UNAVAILABLE
         except KeeprError as exc:
             if failures is None:
                 raise
@@ -311,6 +356,14 @@ def evaluate_video(
     return scores
 
 
+@functools.lru_cache(maxsize=1)
+def _recognizer():
+    """The dlib recogniser that links tracks into persons in pass 1 (as ``anonymizer.pipeline.load_models``)."""
+    from anonymizer.identity import FaceRecognizer
+
+    return FaceRecognizer()
+
+
 @functools.lru_cache(maxsize=2)
 def _arcface(path: str):
     from models.arcface import ArcFaceRecognizer
@@ -318,19 +371,27 @@ def _arcface(path: str):
     return ArcFaceRecognizer(path)
 
 
-def _arcface_embeddings(path: str, frames, reference: list[M.FaceMeasurement]) -> list:
-    """ArcFace embedding of each frame's face, aligned (FFHQ, pSp's crop) with the original frame's landmarks; None
+def _arcface_embedding(path: str, frame: np.ndarray, reference: M.FaceMeasurement):
+    """ArcFace embedding of one frame's face, aligned (FFHQ, pSp's crop) with the original frame's landmarks; None
     where the original face was not detected."""
-    rec = _arcface(str(path))
-    return [rec.embed_face(f, r.landmarks) if r.detected else None for f, r in zip(frames, reference)]
+    return _arcface(str(path)).embed_face(frame, reference.landmarks) if reference.detected else None
+
+
+def _arcface_embeddings(path: str, frames, reference: list[M.FaceMeasurement]) -> list:
+    """:func:`_arcface_embedding` of every frame."""
+    return [_arcface_embedding(path, f, r) for f, r in zip(frames, reference)]
+
+
+def _mean_similarity(original_embeddings: list, anonymized_embeddings: list) -> float:
+    sims = [float(np.dot(a, b)) for a, b in zip(original_embeddings, anonymized_embeddings)
+            if a is not None and b is not None]
+    return float(np.mean(sims)) if sims else float("nan")
 
 
 def arcface_similarity(path: str, anonymized, reference: list[M.FaceMeasurement], original_embeddings: list) -> float:
     """Mean ArcFace cosine similarity between the original and the anonymized face over the frames where the original
     face is detected, both aligned with the original's landmarks (pSp's identity similarity; lower leaks less)."""
-    anon = _arcface_embeddings(path, anonymized, reference)
-    sims = [float(np.dot(a, b)) for a, b in zip(original_embeddings, anon) if a is not None and b is not None]
-    return float(np.mean(sims)) if sims else float("nan")
+    return _mean_similarity(original_embeddings, _arcface_embeddings(path, anonymized, reference))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -66,53 +66,65 @@ def region(box: Sequence[float] | None, height: int, width: int, margin: float =
     return slice(ya, yb), slice(xa, xb)
 
 
+def pair_warping_error(
+    original_prev: np.ndarray,
+    original: np.ndarray,
+    anonymized_prev: np.ndarray,
+    anonymized: np.ndarray,
+    box_prev: Sequence[float] | None,
+    box: Sequence[float] | None,
+    margin: float = 0.25,
+) -> float:
+    """Warping error of one frame pair (t-1, t): mean |anon_t - warp(anon_{t-1})| over the reliable part of the
+    face region (flow on the original frames, within the union of both frames' face regions); NaN where either frame
+    has no box or nothing is reliable."""
+    if box is None or box_prev is None:
+        return float("nan")
+    h, w = original.shape[:2]
+    union = (min(box[0], box_prev[0]), min(box[1], box_prev[1]), max(box[2], box_prev[2]), max(box[3], box_prev[3]))
+    sl = region(union, h, w, margin)
+    if sl is None:
+        return float("nan")
+    cur, prev = to_gray(original[sl]), to_gray(original_prev[sl])
+    fw = farneback_flow(cur, prev)  # current -> previous
+    bw = farneback_flow(prev, cur)
+    valid = consistent_flow_mask(fw, bw)
+    if not valid.any():
+        return float("nan")
+    warped = warp_with_flow(anonymized_prev[sl].astype(np.float32), fw)
+    diff = np.abs(anonymized[sl].astype(np.float32) - warped).mean(-1)
+    return float(diff[valid].mean())
+
+
 def warping_error(
     original: Sequence[np.ndarray],
     anonymized: Sequence[np.ndarray],
     boxes: Sequence[Sequence[float] | None],
     margin: float = 0.25,
 ) -> np.ndarray:
-    """Per frame pair (t-1, t): mean |anon_t - warp(anon_{t-1})| over the reliable part of the face region.
+    """Per frame pair (t-1, t): :func:`pair_warping_error`.
 
     Returns an array of length ``len(frames) - 1`` (NaN where either frame has no box or nothing is reliable).
-    The flow is computed on the original frames, within the union of both frames' face regions.
     """
     n = len(original)
     if len(anonymized) != n or len(boxes) != n:
         raise ValueError(f"got {n} original frames, {len(anonymized)} anonymized frames and {len(boxes)} boxes")
     out = np.full(max(0, n - 1), np.nan)
     for t in range(1, n):
-        if boxes[t] is None or boxes[t - 1] is None:
-            continue
-        h, w = original[t].shape[:2]
-        union = (
-            min(boxes[t][0], boxes[t - 1][0]),
-            min(boxes[t][1], boxes[t - 1][1]),
-            max(boxes[t][2], boxes[t - 1][2]),
-            max(boxes[t][3], boxes[t - 1][3]),
-        )
-        sl = region(union, h, w, margin)
-        if sl is None:
-            continue
-        cur, prev = to_gray(original[t][sl]), to_gray(original[t - 1][sl])
-        fw = farneback_flow(cur, prev)  # current -> previous
-        bw = farneback_flow(prev, cur)
-        valid = consistent_flow_mask(fw, bw)
-        if not valid.any():
-            continue
-        warped = warp_with_flow(anonymized[t - 1][sl].astype(np.float32), fw)
-        diff = np.abs(anonymized[t][sl].astype(np.float32) - warped).mean(-1)
-        out[t - 1] = float(diff[valid].mean())
+        out[t - 1] = pair_warping_error(original[t - 1], original[t], anonymized[t - 1], anonymized[t],
+                                        boxes[t - 1], boxes[t], margin)
     return out
+
+
+def region_brightness(frame: np.ndarray, box: Sequence[float] | None, margin: float = 0.0) -> float:
+    """Mean luma of one frame's face region (NaN without a box)."""
+    sl = region(box, frame.shape[0], frame.shape[1], margin)
+    return np.nan if sl is None else float(luma(frame[sl]).mean())
 
 
 def face_brightness(frames: Iterable[np.ndarray], boxes: Sequence[Sequence[float] | None], margin: float = 0.0) -> np.ndarray:
     """Mean luma of the face region per frame (NaN without a box)."""
-    values = []
-    for frame, box in zip(frames, boxes):
-        sl = region(box, frame.shape[0], frame.shape[1], margin)
-        values.append(np.nan if sl is None else float(luma(frame[sl]).mean()))
-    return np.array(values)
+    return np.array([region_brightness(frame, box, margin) for frame, box in zip(frames, boxes)])
 
 
 def brightness_flicker(anonymized_brightness: np.ndarray, original_brightness: np.ndarray | None = None) -> dict[str, float]:
@@ -137,11 +149,41 @@ def identity_spread(distances: np.ndarray) -> float:
     return float(d.std()) if len(d) else float("nan")
 
 
+class TemporalStability:
+    """The temporal numbers of one clip and one method, accumulated frame by frame (only the previous frame is
+    kept): ``update(original, anonymized, box)`` per frame in order, then ``compute(distances)``."""
+
+    def __init__(self, margin: float = 0.25):
+        self.margin = margin
+        self.warp: list[float] = []
+        self.brightness_anon: list[float] = []
+        self.brightness_orig: list[float] = []
+        self._prev: tuple | None = None  # (original, anonymized, box) of the previous frame
+
+    def update(self, original: np.ndarray, anonymized: np.ndarray, box: Sequence[float] | None) -> None:
+        if self._prev is not None:
+            self.warp.append(pair_warping_error(self._prev[0], original, self._prev[1], anonymized, self._prev[2],
+                                                box, self.margin))
+        self._prev = (original, anonymized, box)
+        self.brightness_anon.append(region_brightness(anonymized, box))
+        self.brightness_orig.append(region_brightness(original, box))
+
+    def compute(self, distances: np.ndarray | None = None) -> dict[str, float]:
+        we = np.array(self.warp, dtype=np.float64)
+        out = {"warping_error": float(np.nanmean(we)) if np.isfinite(we).any() else float("nan")}
+        out.update(brightness_flicker(np.array(self.brightness_anon), np.array(self.brightness_orig)))
+        if distances is not None:
+            out["identity_distance_spread"] = identity_spread(distances)
+        return out
+
+
 def temporal_summary(original, anonymized, boxes, distances=None) -> dict[str, float]:
-    """All temporal-stability numbers for one clip and one method."""
-    we = warping_error(original, anonymized, boxes)
-    out = {"warping_error": float(np.nanmean(we)) if np.isfinite(we).any() else float("nan")}
-    out.update(brightness_flicker(face_brightness(anonymized, boxes), face_brightness(original, boxes)))
-    if distances is not None:
-        out["identity_distance_spread"] = identity_spread(distances)
-    return out
+    """All temporal-stability numbers for one clip and one method (in-memory frames; see :class:`TemporalStability`
+    for the streamed form, which gives the same numbers)."""
+    n = len(original)
+    if len(anonymized) != n or len(boxes) != n:
+        raise ValueError(f"got {n} original frames, {len(anonymized)} anonymized frames and {len(boxes)} boxes")
+    acc = TemporalStability()
+    for o, a, b in zip(original, anonymized, boxes):
+        acc.update(o, a, b)
+    return acc.compute(distances)

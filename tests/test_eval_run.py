@@ -211,10 +211,10 @@ def test_a_failing_method_is_reported_and_the_others_go_on(media_dir, tmp_path, 
     real = run.PixelMethod
 
     class Failing(real):
-        def __call__(self, frames, boxes):
+        def apply(self, frame, box):  # the evaluation streams: one frame at a time
             if self.name == "blur":
                 raise KeeprError("blur broke")
-            return super().__call__(frames, boxes)
+            return super().apply(frame, box)
 
     monkeypatch.setattr(run, "PixelMethod", Failing)
     video = media_dir / "videos" / "bbaf2n.mpg"
@@ -252,3 +252,27 @@ def test_two_processes_write_the_same_results_as_one(media_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     rows = _rows(tmp_path / "two" / "results.csv")
     assert "no face found" in rows[("gradient.mp4", "none")]["error"] and int(rows[("ALL videos", "none")]["frames"]) == 6
+
+
+@pytest.mark.slow
+def test_keepr_method_tracks_the_boxes_infer_renders(tiny_models, media_dir, tmp_path):
+    """Issue 13: eval's target is the pipeline's pass 1 over the whole clip (scan.persons[0]), so with --max_frames
+    its boxes are the first boxes infer.py renders (report.json), not those of a tracking of the first frames."""
+    import json
+
+    import infer
+    from eval.baselines import keepr_settings, track_target
+
+    video = media_dir / "videos" / "bbaf2n.mpg"
+    out = tmp_path / "infer"
+    infer.main(["--config", str(tiny_models["config"]), "--video", str(video), "--out", str(out),
+                "--progress", "false"])
+    report = json.loads((out / "report.json").read_text())
+    infer_boxes = [next((f["box"] for f in rec["faces"] if f["person"] == 0), None) for rec in report["frames"]]
+    assert len(infer_boxes) > 6 and all(b is not None for b in infer_boxes[:6])
+
+    # The keepr method's settings (--face largest), as eval.run builds them from the same flags.
+    settings = keepr_settings({"config": str(tiny_models["config"])})
+    boxes = track_target(video, settings, max_frames=6)
+    assert [[round(v, 2) for v in b] for b in boxes] == infer_boxes[:6]
+    assert [[round(v, 2) for v in b] for b in track_target(video, settings)] == infer_boxes
