@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-fast bench clean-demo app
 
 $(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || \
+		{ echo "error: Python 3.11 or newer is needed; $(PYTHON) is $$($(PYTHON) -V 2>&1) (use make PYTHON=python3.11)" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
