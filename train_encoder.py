@@ -1,8 +1,12 @@
 """Train the image -> latent encoder on a pair directory (LightningCLI).
 
     python train_encoder.py fit --config configs/encoder/tiny.yaml
-    python train_encoder.py fit --config configs/encoder/tiny.yaml --ckpt_path outputs/encoder_tiny/checkpoints/last.ckpt
+    python train_encoder.py fit --config configs/encoder/tiny.yaml \
+        --ckpt_path outputs/encoder_tiny/checkpoints/last.ckpt
     python train_encoder.py fit --config configs/encoder/ffhq256.yaml --data.root PAIRS --model.generator_path ffhq.pkl
+
+The generator is the one the pair manifest names (its path relative to the pair set, then its absolute path); give
+one that moved with ``--model.generator_path``: it must have the sha256 the manifest records.
 
 Logging goes to Weights & Biases, offline unless WANDB_MODE is set. Checkpoints (``--checkpoint.*``, a
 ModelCheckpoint on val/latent_mse) and the exported encoder (``--export.path``, default
@@ -24,7 +28,11 @@ from pytorch_lightning.cli import LightningCLI
 from datasets.pairs import PairDataModule
 from keepr.errors import KeeprError, cli_main
 from training.encoder_module import (
-    EncoderModule, ExportEncoder, check_checkpoint_fits, check_hparams, read_training_checkpoint,
+    EncoderModule,
+    ExportEncoder,
+    check_checkpoint_fits,
+    check_hparams,
+    read_training_checkpoint,
 )
 
 # ckpt_path values Lightning resolves itself (not files).
@@ -41,7 +49,8 @@ def check_trainer_options(trainer: Namespace) -> None:
                       ("num_sanity_val_steps", -1)):
         value = get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            what = "-1 (no limit) or an integer >= 0" if low == -1 and name != "num_sanity_val_steps" else f"an integer >= {low}"
+            no_limit = low == -1 and name != "num_sanity_val_steps"
+            what = "-1 (no limit) or an integer >= 0" if no_limit else f"an integer >= {low}"
             raise KeeprError(f"trainer.{name} must be {what}, got {value!r}")
     for name in ("limit_train_batches", "limit_val_batches", "val_check_interval", "gradient_clip_val"):
         value = get(name)

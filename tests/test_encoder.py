@@ -1,4 +1,5 @@
-"""Encoder: heads, one optimisation step, resume, export round trip, LPIPS without weights, CLI fit (1 and 2 devices)."""
+"""Encoder: heads, one optimisation step, resume, export round trip, LPIPS without weights, CLI fit (1 and 2
+devices), a copied pair set and a moved generator."""
 from __future__ import annotations
 
 import os
@@ -57,7 +58,8 @@ def fixed_batch(setup, n=16):
 def test_heads_shapes_and_start_at_w_avg(mode):
     from models.encoder import Encoder
 
-    enc = Encoder(w_dim=24, num_ws=6, img_resolution=32, mode=mode, channels=[8, 16], blocks=[1, 2], hidden_dim=16).eval()
+    enc = Encoder(w_dim=24, num_ws=6, img_resolution=32, mode=mode, channels=[8, 16], blocks=[1, 2],
+                  hidden_dim=16).eval()
     enc.w_avg.copy_(torch.randn(24))
     x = torch.rand(3, 3, 48, 40) * 2 - 1  # any input size is resized to img_resolution
     ws = enc(x)
@@ -86,7 +88,8 @@ def test_one_step_changes_weights_and_lowers_loss(tiny_setup):
     opt.step()
     with torch.no_grad():
         loss1, _ = module.compute_loss(batch)
-    changed = [k for k, v in module.encoder.state_dict().items() if k.endswith("weight") and not torch.equal(v, before[k])]
+    changed = [k for k, v in module.encoder.state_dict().items()
+               if k.endswith("weight") and not torch.equal(v, before[k])]
     assert changed, "no weight changed"
     assert loss1.item() < loss0.item()
     # The generator is frozen and not part of the module's state.

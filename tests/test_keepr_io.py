@@ -428,7 +428,8 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        with pytest.raises(KeeprError, match=r"small/out: cannot write the output \(No space left on device, .* MB free"):
+        with pytest.raises(KeeprError,
+                           match=r"small/out: cannot write the output \(No space left on device, .* MB free"):
             with atomic_dir(mnt / "out") as tmp:
                 with open(tmp / "anonymized.mp4", "wb") as f:
                     for _ in range(64):

@@ -187,7 +187,8 @@ def test_extend_equals_a_set_made_at_the_larger_size(reference, gen_path, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     for s in load_manifest(reference)["shards"]:
         assert (out / s["file"]).read_bytes() == (reference / s["file"]).read_bytes(), s["file"]
-    strip = lambda m: {**m, "shards": [{k: v for k, v in s.items() if k not in ("size", "mtime_ns")} for s in m["shards"]]}
+    strip = lambda m: {**m, "shards": [{k: v for k, v in s.items() if k not in ("size", "mtime_ns")}
+                                       for s in m["shards"]]}
     assert strip(load_manifest(out)) == strip(load_manifest(reference))
     assert torch.equal(PairDataset(out, verify=True)[N - 1]["z"], pair_z(0, N - 1, 64))
 
@@ -382,7 +383,9 @@ def test_old_manifest_with_an_absolute_path_still_loads(reference, gen_path, tmp
     shards = {p.name: sha256_file(p) for p in out.glob("shard_*")}
     run(gen_path, out)  # accepted as the same set: nothing rendered again
     assert {p.name: sha256_file(p) for p in out.glob("shard_*")} == shards
-    assert load_manifest(out)["complete"]
+    upgraded = load_manifest(out)  # only the generator's record changed: now relative to the set
+    assert upgraded["complete"] and not Path(upgraded["generator"]["path"]).is_absolute()
+    assert find_generator(out) == gen_path.resolve()
 
 
 @pytest.mark.slow

@@ -115,10 +115,10 @@ class EncoderModule(pl.LightningModule):
     def __init__(self,
         generator_path: Optional[str] = None,       # Generator file; default: the one named in the pair manifest.
         pairs_root: Optional[str] = None,           # Pair directory (linked from data.root by train_encoder.py).
-        encoder: Optional[dict] = None,             # models.encoder.Encoder kwargs; w_dim/num_ws come from the generator.
+        encoder: Optional[dict] = None,             # models.encoder.Encoder kwargs; w_dim/num_ws: the generator's.
         latent_weight: float = 1.0,                 # Weight of the latent MSE (the original design's loss).
         pixel_weight: float = 0.0,                  # Weight of the pixel L2 of the re-synthesised image.
-        lpips_weight: float = 0.0,                  # Weight of LPIPS of the re-synthesised image (needs backbone weights).
+        lpips_weight: float = 0.0,                  # Weight of LPIPS of the re-synthesised image (needs its weights).
         lpips_net: str = "alex",                    # LPIPS trunk: "alex" or "vgg".
         lpips_backbone_path: Optional[str] = None,  # torchvision ImageNet weights of the LPIPS trunk.
         lr: float = 1e-3,                           # Adam learning rate.
@@ -206,9 +206,9 @@ class EncoderModule(pl.LightningModule):
         if self.encoder_ema is None:
             return
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # Warm-up of the average.
-        for p_ema, p in zip(self.encoder_ema.parameters(), self.encoder.parameters()):
+        for p_ema, p in zip(self.encoder_ema.parameters(), self.encoder.parameters(), strict=True):
             p_ema.lerp_(p, 1.0 - decay)
-        for b_ema, b in zip(self.encoder_ema.buffers(), self.encoder.buffers()):
+        for b_ema, b in zip(self.encoder_ema.buffers(), self.encoder.buffers(), strict=True):
             b_ema.copy_(b)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -314,12 +314,14 @@ class EncoderModule(pl.LightningModule):
         if logger is None or not hasattr(logger, "log_image") or not self.trainer.is_global_zero:
             return
         from torchvision.utils import make_grid
-        grid = make_grid(torch.cat([img, synth.clamp(-1, 1)]).cpu(), nrow=img.shape[0], normalize=True, value_range=(-1, 1))
+        grid = make_grid(torch.cat([img, synth.clamp(-1, 1)]).cpu(), nrow=img.shape[0], normalize=True,
+                         value_range=(-1, 1))
         logger.log_image(key="val/inputs_and_resyntheses", images=[grid], step=self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.encoder.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(self.encoder.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
 
         def factor(step: int) -> float:
@@ -366,7 +368,8 @@ def check_checkpoint_fits(ckpt: dict, module: pl.LightningModule, ckpt_path: str
     if missing or unexpected or shapes:
         parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
                  f"shapes {shapes[:3]}" if shapes else ""]
-        raise KeeprError(f"{ckpt_path}: checkpoint does not fit this model's encoder ({'; '.join(p for p in parts if p)}); "
+        why = "; ".join(p for p in parts if p)
+        raise KeeprError(f"{ckpt_path}: checkpoint does not fit this model's encoder ({why}); "
                          f"resume with the encoder and ema_decay settings it was trained with")
 
 
@@ -399,7 +402,8 @@ def checkpoint_generator_sha256(ckpt_path: str | os.PathLike) -> Optional[str]:
 
 
 class ExportEncoder(pl.Callback):
-    """After fit, write the encoder (best checkpoint by the monitored metric if any, else the final weights) to ``path``.
+    """After fit, write the encoder (best checkpoint by the monitored metric if any, else the final weights) to
+    ``path``.
 
     ``path`` defaults to ``encoder.safetensors`` next to the checkpoint directory. The file records the generator's
     path and sha256; load it with ``models.encoder.load_encoder(path, generator_path)``.
@@ -418,7 +422,8 @@ class ExportEncoder(pl.Callback):
         ckpt_cb = trainer.checkpoint_callback
         path = self.path
         if path is None:
-            base = Path(ckpt_cb.dirpath).parent if ckpt_cb is not None and ckpt_cb.dirpath else Path(trainer.default_root_dir)
+            has_dir = ckpt_cb is not None and ckpt_cb.dirpath
+            base = Path(ckpt_cb.dirpath).parent if has_dir else Path(trainer.default_root_dir)
             path = str(base / "encoder.safetensors")
         if not trainer.is_global_zero:
             return
