@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import importlib.util
 import io
 import json
@@ -51,11 +52,18 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm import tqdm
+
+from anonymizer import cli as infer
+from anonymizer.checks import validate_settings
+from anonymizer.settings import parse_face
 from keepr.errors import KeeprError, cli_main
+from keepr.fileio import atomic_dir, sha256_file, write_text_atomic
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v", ".gif", ".ts", ".flv", ".wmv")
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -282,10 +290,8 @@ def record_from_report(report: dict, kind: str) -> dict:
 def anonymize_photo(path: str, out_dir: Path, rel: str, settings, models, command: list[str] | None,
                     model_files: dict, input_sha: str) -> dict:
     """One photo into ``out_dir`` (``anonymized.<ext>`` and ``report.json``), atomically; returns the report."""
-    import datetime
 
     from anonymizer.photos import anonymize_image, read_photo, write_photo
-    from keepr.fileio import atomic_dir, sha256_file
 
     t0 = time.perf_counter()
     photo = read_photo(path)
@@ -309,7 +315,6 @@ def process_item(item: Item, out_root: Path, settings, get_models: Callable[[], 
                  command: list[str] | None = None, progress=None) -> dict:
     """Do (or skip) one input; its record. Failures are recorded, never raised (KeyboardInterrupt aside)."""
     from anonymizer.pipeline import anonymize_video
-    from keepr.fileio import sha256_file
 
     t0 = time.perf_counter()
     rec: dict = {"index": item.index, "input": item.path, "kind": item.kind, "output": item.out, "status": "",
@@ -343,15 +348,12 @@ def process_item(item: Item, out_root: Path, settings, get_models: Callable[[], 
 
 
 def _write_json(dest: Path, data) -> None:
-    from keepr.fileio import write_text_atomic
-
     write_text_atomic(dest, json.dumps(data, indent=1) + "\n")
 
 
 def merge_summary(out_root: Path, items: Sequence[Item], run_id: str, world_size: int, wall_seconds: float,
                   inputs: str) -> dict:
     """Merge the records and rank files of run ``run_id`` into summary.json / summary.csv (atomically)."""
-    from keepr.fileio import write_text_atomic
 
     state = out_root / STATE_DIR
     records = []
@@ -406,8 +408,6 @@ class RankProgress:
     """One bar per rank (``position`` = local rank): inputs done of the rank's share, inputs/s and frames/s."""
 
     def __init__(self, rank: int, position: int, total: int, enabled: bool):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, desc=f"rank {rank}", unit="video", position=position, leave=True,
                         disable=not enabled, file=sys.stderr, dynamic_ncols=True)
         self.t0 = time.perf_counter()
@@ -568,8 +568,6 @@ def build_parser():
     """infer.py's parser (every settings option, --config) plus --inputs, --threads and the Trainer options."""
     from pytorch_lightning import Trainer
 
-    from anonymizer import cli as infer
-
     p = infer.build_parser()
     p.prog = "python -m anonymizer.batch"
     p.description = __doc__.split("\n\n")[0]
@@ -602,10 +600,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, dict | None]:
         raise KeeprError("--video/--images are infer.py's; give the inputs with --inputs")
     if cfg.threads < 0:
         raise KeeprError(f"--threads must be >= 0, got {cfg.threads}")
-    from anonymizer import cli as infer
-    from anonymizer.checks import validate_settings
     from anonymizer.pipeline import check_model_files
-    from anonymizer.settings import parse_face
 
     settings = infer.settings_from_args(cfg)
     validate_settings(settings)
@@ -617,8 +612,6 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, dict | None]:
     _, items = collect_inputs(cfg.inputs, out_root)
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-    import warnings
 
     import pytorch_lightning as pl
 

@@ -117,7 +117,8 @@ def cover_frame(ctx: CoverFrame, frame_in: np.ndarray, frame_out: np.ndarray, fa
                 check_identity: bool = True) -> list[dict]:
     """Judge (and, where needed, fall back on) every face of one frame; ``frame_out`` is changed in place.
 
-    ``faces``: (x0, y0, x1, y1, score[, inferred]) found by the coverage pass in this frame; ``person_boxes``: each person's
+    ``faces``: (x0, y0, x1, y1, score[, inferred]) found by the coverage pass in this frame; ``person_boxes``: each
+    person's
     tracked box in this frame (persons without one are absent); ``regions``: the swaps pasted into it;
     ``check_identity``: compare the anonymized faces with the original identity in this frame (if ``ctx.identity``).
     Returns one dict per face: box, person, result, reason, alpha and, when checked, identity_distance.

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from anonymizer.tracking import STATUSES, Track, TrackedBox
+from keepr.errors import KeeprError
 
 _RANK = {s: k for k, s in enumerate(STATUSES)}  # detected 0 < interpolated 1 < held 2 < lost 3
 
@@ -152,7 +153,6 @@ def link_persons(tracks: Sequence[Track], recognizer=None, threshold: float | No
 
 def select_persons(persons: Sequence[Person], which: str | int = "all", source: str = "video") -> list[Person]:
     """``all``, ``largest`` (the most prominent person) or an index into the prominence order."""
-    from keepr.errors import KeeprError
 
     persons = list(persons)
     if not persons:

@@ -49,18 +49,26 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
+from anonymizer.blend import feather_mask, paste
 from anonymizer.checks import validate_settings
-from anonymizer.coverage import CoverFrame, cover_frame
+from anonymizer.coverage import CoverFrame, SwapRegion, cover_frame
+from anonymizer.crop import crop_box, crop_frame, crop_matrix
 from anonymizer.persons import Person, link_persons, select_persons
-from anonymizer.scan import Stopwatch
+from anonymizer.render import to_tensor, to_uint8
+from anonymizer.scan import Stopwatch, _merge_faces
 from anonymizer.settings import InferSettings, parse_face
+from anonymizer.tracking import FaceTracker
 from keepr.errors import KeeprError
+from keepr.fileio import atomic_path, is_stale, output_lock, resolve_output, sha256_file
 
 __all__ = ["IMAGE_EXTENSIONS", "load_models", "face_seed", "find_persons", "anonymize_image", "anonymize_batch",
            "read_photo", "write_photo", "list_images", "anonymize_images", "RECORDS_DIR"]
@@ -107,8 +115,6 @@ class PhotoFaces:
 def find_persons(image: np.ndarray, settings: InferSettings, recognizer=None) -> PhotoFaces:
     """Faces of one photo as a one-frame scan (see the module docstring)."""
     from anonymizer.faces import detect_faces
-    from anonymizer.scan import _merge_faces
-    from anonymizer.tracking import FaceTracker
 
     s, d, t = settings, settings.detect, settings.track
     t0 = time.perf_counter()
@@ -165,7 +171,6 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
     :func:`anonymizer.candidates.make_candidates` (noise per (seed, candidate, draw), guard, redraws, choice, skin
     match), but the encoder and the first draw of the generator run batched over all jobs.
     """
-    import cv2
     import torch
 
     from anonymizer.candidates import (
@@ -321,8 +326,6 @@ def swap_faces(targets: list, crops: list[np.ndarray], settings: InferSettings, 
     import torch
     import torch.nn.functional as F
 
-    from anonymizer.render import to_tensor, to_uint8
-
     s = settings
     watch = watch or Stopwatch()
     model = models.coseg
@@ -364,9 +367,6 @@ def anonymize_batch(images: Sequence[np.ndarray], names: Sequence[str], settings
     Returns per photo ``(out_rgb, info)``, or the KeeprError that photo raised (e.g. ``--face 2`` on a photo with
     two faces): one photo's problem never stops the others.
     """
-    from anonymizer.blend import feather_mask, paste
-    from anonymizer.coverage import SwapRegion
-    from anonymizer.crop import crop_box, crop_frame, crop_matrix
     from anonymizer.pipeline import check_parts, make_target
 
     s = settings
@@ -525,9 +525,6 @@ def _format_of(path: Path) -> str:
 def read_photo(path: str | os.PathLike) -> Photo:
     """Read a photo with PIL, EXIF orientation applied (``ImageOps.exif_transpose``); KeeprError on one line when it
     cannot be read."""
-    import warnings
-
-    from PIL import Image, ImageOps
 
     path = Path(path)
     fmt = _format_of(path)
@@ -562,9 +559,6 @@ def read_photo(path: str | os.PathLike) -> Photo:
 
 def write_photo(photo: Photo, rgb: np.ndarray, dest: str | os.PathLike) -> None:
     """Write ``rgb`` as ``photo`` was (format, mode, alpha, ICC profile; no EXIF) to ``dest``, atomically."""
-    from PIL import Image
-
-    from keepr.fileio import atomic_path
 
     im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
     if photo.mode in ("L", "LA"):
@@ -626,7 +620,6 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.keepr-[0-9a-f]{8}-\d{1,10}-\d{1,20}-[0-9a-
 
 def _remove_stale(out: Path) -> list[Path]:
     """Temporaries left under ``out`` by killed runs (see keepr.fileio)."""
-    from keepr.fileio import is_stale
 
     removed = []
     for dirpath, dirnames, filenames in os.walk(out):
@@ -640,8 +633,6 @@ def _remove_stale(out: Path) -> list[Path]:
 
 
 def _sha256(path: Path) -> str:
-    from keepr.fileio import sha256_file
-
     return sha256_file(path)
 
 
@@ -662,8 +653,6 @@ def _load_record(out: Path, rel: str, input_sha: str) -> dict | None:
 
 
 def _write_json(dest: Path, data) -> None:
-    from keepr.fileio import atomic_path
-
     with atomic_path(dest, clean_stale=False) as tmp:
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
 
@@ -701,7 +690,6 @@ def anonymize_images(path: str | os.PathLike, out_dir: str | os.PathLike, settin
     """Anonymize a photo or a folder of photos into ``out_dir`` (see the module docstring); returns the report,
     also written to ``out_dir/report.json``. Per-photo failures are listed in it (``failed``), never raised."""
     from anonymizer.pipeline import check_model_files, warn
-    from keepr.fileio import output_lock, resolve_output
 
     t_start = time.perf_counter()
     s = settings

@@ -26,23 +26,40 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from anonymizer.checks import prepared_output, validate_settings
 from anonymizer.coverage import CoverageTally, CoverFrame, one_line
 from anonymizer.crop import crop_aligned, crop_box
+from anonymizer.identity import FaceRecognizer
 from anonymizer.persons import Person, select_persons
 from anonymizer.render import Target, render, to_tensor
 from anonymizer.report import build_report, write_report
 from anonymizer.scan import Cancelled, Progress, Scan, Stopwatch, no_face_message, track_faces
-from anonymizer.settings import (GROUPS, BlendSettings, CoverageSettings, CropSettings,  # noqa: F401 (public API)
-                                 DetectSettings, EncodeSettings, InferSettings, ModelPaths, SwapSettings,
-                                 TrackSettings, VirtualFaceSettings, parse_face)
+from anonymizer.settings import (  # noqa: F401 (public API)
+    GROUPS,
+    BlendSettings,
+    CoverageSettings,
+    CropSettings,
+    DetectSettings,
+    EncodeSettings,
+    InferSettings,
+    ModelPaths,
+    SwapSettings,
+    TrackSettings,
+    VirtualFaceSettings,
+    parse_face,
+)
 from anonymizer.streams import plan_streams
 from anonymizer.video import VideoReader, VideoWriter, check_encode_settings, plan_timestamps
+from anonymizer.virtual_face import build_virtual_face
 from keepr.errors import KeeprError
 from keepr.fileio import atomic_dir, sha256_file
 from keepr.precision import autocast, tune_allocator
 from keepr.registry import missing
+from models.cosegmentation import PartSwapper, load_cosegmentation
+from models.encoder import load_encoder
+from models.stylegan2 import load_generator
 
 __all__ = ["InferSettings", "Models", "load_models", "check_model_files", "check_input", "track_faces",
            "virtual_faces", "render_video", "anonymize_video", "Cancelled", "Scan"]
@@ -72,10 +89,6 @@ class Models:
 
 def load_models(paths: ModelPaths, device: str = "cpu") -> Models:
     """The generator, encoder, co-part model and dlib recogniser, on ``device``."""
-    from anonymizer.identity import FaceRecognizer
-    from models.cosegmentation import load_cosegmentation
-    from models.encoder import load_encoder
-    from models.stylegan2 import load_generator
 
     tune_allocator()  # before the first large tensor: glibc keeps freed frames' memory instead of remapping it
     G = load_generator(paths.generator, device=device)
@@ -101,7 +114,6 @@ def virtual_faces(persons: list[Person], models: Models, settings: InferSettings
     A person whose virtual face cannot be made (e.g. the identity guard finds no face in a tiny aligned crop, or
     every candidate stays a look-alike) maps to the one-line reason instead, a string: their faces get the fallback.
     """
-    from anonymizer.virtual_face import build_virtual_face
 
     out: dict[int, object] = {}
     for p in persons:
@@ -125,7 +137,6 @@ def virtual_faces(persons: list[Person], models: Models, settings: InferSettings
 
 def make_target(person: Person, vf, models: Models, settings: InferSettings, num_frames: int) -> Target:
     """A chosen person ready for pass 2: the co-part source crop of the virtual face and its part swapper."""
-    from models.cosegmentation import PartSwapper
 
     s = settings
     img_size = int(models.coseg.img_size)
@@ -142,7 +153,6 @@ def make_target(person: Person, vf, models: Models, settings: InferSettings, num
 
 def tqdm_progress(enabled: bool = True) -> Progress:
     """A progress callback drawing one tqdm bar per stage on stderr."""
-    from tqdm import tqdm
 
     bars: dict[str, object] = {}
 

@@ -161,7 +161,8 @@ def dominant_skin_tone(rgb: np.ndarray, mask: np.ndarray | None = None, landmark
                        n_clusters: int = 3, seed: int = 0, max_pixels: int = 4000, threshold: float = 0.999) -> SkinTone:
     """Dominant skin tone of an aligned face crop by K-means in the HSV cone.
 
-    Pixels are those with ``mask >= threshold`` (by default the fully-weighted core of :func:`skin_mask`); the mask is computed from ``landmarks`` (found on the crop when
+    Pixels are those with ``mask >= threshold`` (by default the fully-weighted core of :func:`skin_mask`); the mask is
+    computed from ``landmarks`` (found on the crop when
     not given) when not supplied. At most ``max_pixels`` pixels are clustered (a fixed-seed subsample), so the
     result is deterministic.
     """

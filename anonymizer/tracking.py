@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from anonymizer import landmarks as L
+from keepr.errors import KeeprError
 
 STATUSES = ("detected", "interpolated", "held", "lost")
 
@@ -334,7 +335,6 @@ def extend_track(track: Track, faces: Sequence[Sequence[tuple]], claimed: set[tu
 
 def select_tracks(tracks: Sequence[Track], which: str | int = "largest", source: str = "video") -> list[Track]:
     """``largest`` (the most prominent track), an index into the prominence order, or ``all``."""
-    from keepr.errors import KeeprError
 
     tracks = list(tracks)
     if not tracks:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
+from anonymizer.candidates import candidate_grid, make_candidates
 from anonymizer.faces import align_face
 from keepr.errors import KeeprError
 
@@ -61,7 +63,6 @@ def choose_candidate(candidates, candidate: int | None) -> tuple[int, str]:
 
 def build_virtual_face(models, best_image: np.ndarray, landmarks: np.ndarray, settings, seed: int = 0) -> VirtualFace:
     """Make the virtual face for one target from its best frame and that frame's 68 landmarks."""
-    from anonymizer.candidates import candidate_grid, make_candidates
 
     G = models.G
     align_size = max(256, int(G.img_resolution))
@@ -113,7 +114,6 @@ def _tone(t) -> dict:
 def save_virtual_face(vf: VirtualFace, out_dir: Path, suffix: str = "") -> dict:
     """Write candidates{suffix}.png (labelled grid), latent{suffix}.npy (chosen ws) and virtual_face{suffix}.png;
     returns the file names."""
-    from PIL import Image
 
     out_dir = Path(out_dir)
     files = {"candidates": f"candidates{suffix}.png", "latent": f"latent{suffix}.npy",

@@ -10,7 +10,8 @@ load_cosegmentation), then for each precision in a fresh subprocess: the clip's 
 fixed face box with the co-part framing (anonymizer.crop), one virtual face is made (encoder on the first crop, then
 the generator at batch 8 as for the candidates: the ``virtual_face`` stage), the face is part-swapped into every crop
 (PartSwapper, ``--batch`` frames at a time) and pasted back (anonymizer.blend). Frames/s per stage and end to end
-(decode to pasted frame; model loading excluded; runs interleaved ``--rounds`` times, the median run shown), peak RSS, and -- repeated with the clip ``--repeat`` times as long
+(decode to pasted frame; model loading excluded; runs interleaved ``--rounds`` times, the median run shown), peak RSS,
+and -- repeated with the clip ``--repeat`` times as long
 -- whether memory stays flat (ratio <= 1.10). The bf16 output frames are compared with the 32 ones (per-frame PSNR,
 pixels off by > 2 levels). Random weights: speed and memory do not depend on them; the generator's random-weight
 outputs leave [-1, 1], so its error is judged on the parity fixture in tests/test_precision.py.
@@ -30,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import yaml
+
 from bench import failure_line
 from keepr.errors import KeeprError, cli_main
 
@@ -39,8 +43,6 @@ FACE_BOX = (0.33, 0.22, 0.67, 0.66)  # fraction of (width, height): the speaker'
 
 
 def build_models(work: Path) -> dict:
-    import yaml
-
     from models.cosegmentation import make_tiny_cosegmentation
     from models.encoder import Encoder, save_encoder
     from models.stylegan2.loaders import build_generator, load_generator_config
@@ -62,7 +64,6 @@ def build_models(work: Path) -> dict:
 
 def child(args: dict) -> dict:
     """One run at one precision (fresh process: clean peak RSS, allocator state and oneDNN caches)."""
-    import numpy as np
     import torch
 
     from anonymizer.blend import feather_mask, paste
@@ -87,7 +88,7 @@ def child(args: dict) -> dict:
             torch.cuda.synchronize(device)
 
     stages = {k: 0.0 for k in ("decode", "crop", "virtual_face", "swap", "paste")}
-    out_frames, n = [], 0
+    n = 0
     t_start = time.perf_counter()
     reader = VideoReader(args["clip"])
     frames = []
@@ -153,7 +154,6 @@ def run_child(args: dict) -> dict:
 
 
 def psnr_frames(a, b) -> list[float]:
-    import numpy as np
     out = []
     for x, y in zip(a, b):
         mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
@@ -186,7 +186,6 @@ def main(argv=None) -> int:
     precisions = a.precision.split(",")
     frames = a.frames or (16 if a.quick else 24)
     a.rounds = a.rounds or (1 if a.quick else 3)
-    import numpy as np
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
         work = Path(tmp)
         print("building full-size random models ...", flush=True)

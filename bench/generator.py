@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             z = torch.randn(batch, G.z_dim, generator=torch.Generator().manual_seed(batch)).to(device)
             for prec in precisions:
 
-                def run():
+                def run(G=G, z=z, prec=prec):  # this iteration's values
                     with torch.inference_mode(), autocast(device, prec):
                         G(z, truncation_psi=0.7, noise_mode="const")
                     if device.type == "cuda":

@@ -20,13 +20,19 @@ import csv
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
+from anonymizer.faces import align_face, detect_faces
+from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer, descriptor_distance
 from keepr.errors import KeeprError, cli_main
-from keepr.fileio import atomic_path, write_text_atomic
-from keepr.images import to_float_image, to_uint8
+from keepr.fileio import atomic_path, sha256_file, write_text_atomic
+from keepr.images import load_image, to_float_image, to_uint8
+from models.encoder import load_encoder, read_encoder_metadata
+from models.stylegan2 import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +118,6 @@ def list_photos(photos: str | Path) -> list[Path]:
 def arcface_similarity(arcface, aligned: np.ndarray, resynth: np.ndarray) -> float:
     """pSp's identity similarity: cosine of the ArcFace embeddings of an aligned photo and its re-synthesis, both
     resized to 256x256 (area when shrinking, bicubic when enlarging) and cropped/pooled to 112x112 as pSp does."""
-    import cv2
 
     def at256(img):
         if img.shape[0] == 256:
@@ -128,9 +133,6 @@ def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = Non
                     arcface=None):
     """Per photo: align, encode, re-synthesise, dlib identity distance (None with a reason when not computable) and,
     with ``arcface`` (a :class:`models.arcface.ArcFaceRecognizer`), the ArcFace identity similarity."""
-    from anonymizer.faces import align_face, detect_faces
-    from anonymizer.identity import SAME_PERSON_THRESHOLD, descriptor_distance
-    from keepr.images import load_image
 
     rows, examples = [], []
     for path in photo_paths:
@@ -173,7 +175,6 @@ def evaluate_photos(encoder, G, photo_paths, recognizer, root: Path | None = Non
 
 def figure(examples, path: Path, cell: int = 128) -> None:
     """PNG grid: one row per example, input | reconstruction, with its label."""
-    from PIL import Image, ImageDraw
 
     label_h = 14
     cols = 2
@@ -258,11 +259,6 @@ def main(argv=None):
                    help="ArcFace IR-SE-50 model_ir_se50.pth (TreB1eN/InsightFace_Pytorch, as in pSp/e4e): adds pSp's "
                         "identity similarity")
     args = p.parse_args(argv)
-
-    from anonymizer.identity import FaceRecognizer
-    from keepr.fileio import sha256_file
-    from models.encoder import load_encoder, read_encoder_metadata
-    from models.stylegan2 import load_generator
 
     arcface = None
     if args.arcface:  # missing or unreadable weights: one-line error before any work

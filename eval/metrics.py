@@ -26,6 +26,8 @@ from scipy import linalg
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from anonymizer.faces import Face, detect_faces, landmarks_for_box
+from anonymizer.identity import FaceRecognizer
 from anonymizer.tracking import iou as box_iou
 
 SAME_PERSON_THRESHOLD = 0.6  # dlib's threshold for "same person" on its 128-d descriptor
@@ -347,8 +349,6 @@ class FaceMeasurer:
     """
 
     def __init__(self, upsample: int = 1, search_margin: float = 0.6, min_iou: float = 0.3, recognizer=None):
-        from anonymizer.identity import FaceRecognizer
-
         self.upsample = upsample  # HOG upsampling steps
         self.search_margin = search_margin  # detection window around the reference box, fraction of its size
         self.min_iou = min_iou  # IoU a detection needs with the reference box
@@ -356,7 +356,6 @@ class FaceMeasurer:
 
     def detect(self, rgb: np.ndarray, box: Sequence[float] | None):
         """The detected face matching ``box`` (best IoU) or, without a box, the largest face; None if none."""
-        from anonymizer.faces import Face, detect_faces
 
         if box is None:
             faces = detect_faces(rgb, "hog", self.upsample)
@@ -385,8 +384,6 @@ class FaceMeasurer:
         )
 
     def measure(self, rgb: np.ndarray, box: Sequence[float] | None = None) -> FaceMeasurement:
-        from anonymizer.faces import Face, landmarks_for_box
-
         face = self.detect(rgb, box)
         if face is not None:
             return FaceMeasurement(True, np.asarray(face.landmarks, np.float64), self.recognizer.descriptor(rgb, face), False, face.box)

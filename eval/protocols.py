@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import io
 import json
 import math
@@ -76,8 +77,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from keepr.errors import KeeprError, cli_main
+from keepr.fileio import atomic_dir, output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,7 +281,6 @@ class ArcFaceVerifier:
 
 def _import_photos():
     """``anonymizer.photos`` with its ``anonymize_image``; KeeprError when the photo pipeline is not there."""
-    import importlib
 
     try:
         photos = importlib.import_module("anonymizer.photos")
@@ -419,7 +421,6 @@ def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, la
 
     originals = sorted(set(paths.values()))
     firsts = sorted({paths[(p.name1, p.index1)] for p in pair_list})
-    from tqdm.auto import tqdm
 
     original_desc, anonymized_desc, anon_info, located = {}, {}, {}, 0
     with tqdm(total=len(originals) + len(firsts), desc=f"verify {method}", unit="photo", disable=not progress,
@@ -535,7 +536,6 @@ def scores_csv(rows: list[dict]) -> str:
 
 def write_outputs(result: VerificationResult, out: str | Path) -> list[Path]:
     """verification.json, verification.md and scores.csv in ``out`` (new or empty), all at once or nothing."""
-    from keepr.fileio import atomic_dir, output_lock
 
     names = ("verification.json", "verification.md", "scores.csv")
     with output_lock(out) as dest, atomic_dir(dest) as tmp:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from keepr.errors import KeeprError
@@ -210,7 +212,6 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike, generator_path: str 
     ``generator_path`` (its sha256 is recorded). ``generator_sha256``, when known (the generator the encoder was
     trained against), must be that file's: a generator that moved is found by its new path, another file is refused.
     """
-    from safetensors.torch import save_file
 
     generator_path = Path(generator_path)
     if not generator_path.is_file():
@@ -234,7 +235,6 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike, generator_path: str 
 
 def read_encoder_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The decoded metadata of an exported encoder: ``config``, ``generator`` {path, sha256}, ``extra``."""
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -265,7 +265,6 @@ def load_encoder(path: str | os.PathLike, generator_path: str | os.PathLike | No
     ``generator_path=None`` skips the check (inspection only; inference always passes its generator). The generator
     is found by the path given, wherever it now lies; the recorded path is only named in the error.
     """
-    from safetensors.torch import load_file
 
     meta = read_encoder_metadata(path)
     if generator_path is not None:

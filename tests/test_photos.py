@@ -92,9 +92,9 @@ def call_infer(args: list[str]) -> int:
 
 
 def test_face_seed_is_stable():
-    from anonymizer.photos import face_seed
-
     import hashlib
+
+    from anonymizer.photos import face_seed
 
     assert face_seed(0, "a/b.jpg", 0) == face_seed(0, "a/b.jpg", 0) == 1456892610  # pinned: outputs depend on it
     digest = hashlib.sha256(b"keepr-photo\x007\x00a/b.jpg\x002").digest()

@@ -7,8 +7,15 @@ import av
 import numpy as np
 import pytest
 
-from anonymizer.video import (VideoReader, VideoWriter, audio_packets, check_encode_settings, count_frames,
-                              plan_timestamps, probe_video)
+from anonymizer.video import (
+    VideoReader,
+    VideoWriter,
+    audio_packets,
+    check_encode_settings,
+    count_frames,
+    plan_timestamps,
+    probe_video,
+)
 from keepr.errors import KeeprError
 
 

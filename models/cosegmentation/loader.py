@@ -1,7 +1,9 @@
 """Configs and checkpoints of Motion-Supervised Co-Part Segmentation.
 
-Configs are the authors' YAML files (``model_params`` + ``dataset_params.image_shape``). Checkpoints come in two layouts:
-- logger layout (the authors' training logger): ``segmentation_module``, ``reconstruction_module`` (+ optimizers, epoch);
+Configs are the authors' YAML files (``model_params`` + ``dataset_params.image_shape``). Checkpoints come in two
+layouts:
+- logger layout (the authors' training logger): ``segmentation_module``, ``reconstruction_module`` (+ optimizers,
+epoch);
 - first-order-model layout: ``generator`` (= reconstruction module) and ``kp_detector`` (= segmentation module with
   ``kp.* -> shift.*``, ``jacobian.* -> affine.*``, ``semantic_seg.* -> segmentation.*``).
 Both legacy (torch < 1.6) and zip serialisation are read with ``torch.load(weights_only=True)``; no pickle is executed.

@@ -2,7 +2,8 @@
 
 Algorithm (see tests/fixtures/cosegmentation/public/README.md): the segmentation module gives soft masks M, part
 centres p and 2x2 matrices A for source and driving frame; the deformation
-D(z) = M_d[0] z + sum_k M_d[k] (A_s,k A_d,k^-1 (z - p_d,k) + p_s,k) warps the source features; the blend mask m (sum of the
+D(z) = M_d[0] z + sum_k M_d[k] (A_s,k A_d,k^-1 (z - p_d,k) + p_s,k) warps the source features; the blend mask m (sum of
+the
 chosen mask channels, from the driving frame or the warped source) mixes them with the driving frame's features:
 F = Enc(d) (1 - m) + warp(Enc(s)) V m, with visibility V = 1 - S_s (1 - S_d); the decoder turns F into the output frame.
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keepr.fileio import atomic_path
 from keepr.precision import active_dtype, autocast, check_precision
 
 from .modules import FoldedReconstruction, ReconstructionModule, SegmentationModule
@@ -235,7 +237,6 @@ class CoPartModel(nn.Module):
 
     def save(self, path) -> None:
         """Write a checkpoint in the authors' logger layout (plain tensors; loadable with weights_only=True)."""
-        from keepr.fileio import atomic_path
 
         ckpt = {"segmentation_module": {k: v.detach().cpu().clone() for k, v in self.segmentation_module.state_dict().items()},
                 "reconstruction_module": {k: v.detach().cpu().clone() for k, v in self.reconstruction_module.state_dict().items()},

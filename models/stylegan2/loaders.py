@@ -2,7 +2,8 @@
 
 - NVlabs network pickle (``ffhq.pkl``, ``network-snapshot-*.pkl``; stylegan2-ada-pytorch and stylegan3 layouts):
   read by the allow-list unpickler in ``safe_pickle`` (never executes the embedded source); uses ``G_ema``.
-- rosinality checkpoint (``stylegan2-ffhq-config-f.pt``, ``{'g_ema', 'latent_avg'}``): ``torch.load(weights_only=True)``,
+- rosinality checkpoint (``stylegan2-ffhq-config-f.pt``, ``{'g_ema', 'latent_avg'}``):
+``torch.load(weights_only=True)``,
   tensors renamed to NVlabs names, config derived from the shapes.
 - KEEP:R format: one ``.safetensors`` file with the NVlabs state dict, constructor kwargs as JSON in its metadata
   (``Generator.save``). A plain NVlabs-named ``.safetensors`` state dict with a sibling JSON holding ``init_kwargs``,
