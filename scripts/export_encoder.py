@@ -13,7 +13,7 @@ import argparse
 
 from keepr.errors import KeeprError, cli_main
 from models.encoder import save_encoder
-from training.encoder_module import checkpoint_generator_path, load_encoder_from_checkpoint
+from training.encoder_module import checkpoint_generator_path, checkpoint_generator_sha256, load_encoder_from_checkpoint
 
 
 @cli_main
@@ -28,7 +28,9 @@ def main(argv=None):
     generator = args.generator or checkpoint_generator_path(args.ckpt)
     if not generator:
         raise KeeprError(f"{args.ckpt}: no generator path recorded; pass --generator")
-    out = save_encoder(encoder, args.out, generator, extra={"source": str(args.ckpt)})
+    # A generator given for a moved one is checked against the sha256 the checkpoint recorded (older ones: None).
+    out = save_encoder(encoder, args.out, generator, extra={"source": str(args.ckpt)},
+                       generator_sha256=checkpoint_generator_sha256(args.ckpt))
     print(f"exported {args.ckpt} -> {out}")
 
 
