@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = settings_from_args(cfg)
     if cfg.images is not None:
         return images_main(cfg, settings, argv)
-    report = anonymize_video(cfg.video, cfg.out, settings, command=["infer.py", *(sys.argv[1:] if argv is None else argv)])
+    command = ["infer.py", *(sys.argv[1:] if argv is None else argv)]
+    report = anonymize_video(cfg.video, cfg.out, settings, command=command)
     print(summary_line(report, cfg.out))
     if settings.strict and not report["complete"]:
         print(f"error: --strict: {'; '.join(report['incomplete'])} (the output is written and marked incomplete in "

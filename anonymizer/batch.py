@@ -196,7 +196,8 @@ def collect_inputs(inputs: str | os.PathLike, out_dir: str | os.PathLike | None 
         raise KeeprError(f"--inputs {inputs}: no such folder or file")
     if not files:
         raise KeeprError(f"--inputs {inputs}: no videos ({', '.join(s[1:] for s in _suffixes())}) found")
-    rels = sorted({Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix(): f for f in files}.items())
+    root_abs = os.path.abspath(root)
+    rels = sorted({Path(os.path.relpath(os.path.abspath(f), root_abs)).as_posix(): f for f in files}.items())
     for rel, f in rels:
         if rel.startswith("../"):
             raise KeeprError(f"{f}: outside the input root {root}")

@@ -42,7 +42,10 @@ class CropBox:
 
 
 def crop_box(face_box: Sequence[float], scale: float = 1.8, shift_y: float = -0.1) -> CropBox:
-    """The square crop for a face box (x0, y0, x1, y1): side ``scale * max(w, h)``, centre shifted by ``shift_y * h``."""
+    """The square crop for a face box (x0, y0, x1, y1).
+
+    Side ``scale * max(w, h)``, centre shifted by ``shift_y * h``.
+    """
     x0, y0, x1, y1 = (float(v) for v in face_box)
     w, h = x1 - x0, y1 - y0
     if w <= 0 or h <= 0:

@@ -302,7 +302,8 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = 256, border: 
         warp = matrix @ np.vstack([invert_affine(to_small), [0, 0, 1]])
     img = cv2.warpAffine(src, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=borders[border],
                          borderValue=(0, 0, 0))
-    return AlignedFace(image=np.ascontiguousarray(img), matrix=matrix, inverse=invert_affine(matrix), quad=quad, size=size)
+    return AlignedFace(image=np.ascontiguousarray(img), matrix=matrix, inverse=invert_affine(matrix), quad=quad,
+                       size=size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def skin_mask(rgb: np.ndarray, landmarks: np.ndarray, feather: float = 0.02, col
 
 
 def dominant_skin_tone(rgb: np.ndarray, mask: np.ndarray | None = None, landmarks: np.ndarray | None = None,
-                       n_clusters: int = 3, seed: int = 0, max_pixels: int = 4000, threshold: float = 0.999) -> SkinTone:
+                       n_clusters: int = 3, seed: int = 0, max_pixels: int = 4000,
+                       threshold: float = 0.999) -> SkinTone:
     """Dominant skin tone of an aligned face crop by K-means in the HSV cone.
 
     Pixels are those with ``mask >= threshold`` (by default the fully-weighted core of :func:`skin_mask`); the mask is
@@ -203,7 +204,8 @@ def dominant_skin_tone(rgb: np.ndarray, mask: np.ndarray | None = None, landmark
                     fraction=float(counts[top] / len(labels)), num_pixels=n)
 
 
-def transfer_tone(rgb: np.ndarray, mask: np.ndarray, source: SkinTone, target: SkinTone) -> tuple[np.ndarray, float, float]:
+def transfer_tone(rgb: np.ndarray, mask: np.ndarray, source: SkinTone,
+                  target: SkinTone) -> tuple[np.ndarray, float, float]:
     """Move hue and saturation of ``rgb`` from tone ``source`` to tone ``target`` where ``mask`` > 0.
 
     Hue is rotated by the shortest signed angle, saturation scaled by target/source (clamped to [0, 1]); both are

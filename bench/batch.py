@@ -1,4 +1,5 @@
-"""Benchmark ``python -m anonymizer.batch``: videos/s and load balance (max rank busy time / mean) for 1 and 2 processes.
+"""Benchmark ``python -m anonymizer.batch``: videos/s and load balance (max rank busy time / mean) for 1 and 2
+processes.
 
     python -m bench.batch [--clips 4] [--frames 8] [--processes 1,2] [--threads 1] [--json FILE] [--work DIR]
 

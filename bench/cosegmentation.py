@@ -71,7 +71,8 @@ def run_mode(model, source, driving, batch_size, cached, reps):
     dev = source.device
     cache = model.prepare_source(source) if cached else None
     swap_frames(model, source, driving[:batch_size], batch_size, cache)  # Warm-up: kernel/primitive selection.
-    flops_per_frame = conv_flops(lambda: swap_frames(model, source, driving[:batch_size], batch_size, cache)) / batch_size
+    flops_per_frame = conv_flops(
+        lambda: swap_frames(model, source, driving[:batch_size], batch_size, cache)) / batch_size
     best = float("inf")
     for _ in range(reps):
         sync(dev)
@@ -135,8 +136,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['batch']:>5} {str(r['cache']):>5} {r['ms_per_frame']:>9.1f} {r['gflop_per_frame']:>11.2f} "
               f"{r['gflops']:>8.1f} {100 * r['fraction_of_matmul_peak']:>6.1f}%")
-    print(f"batch {args.batch} + cache vs batch 1 without cache: {result['speedup_batch_cache_vs_b1_nocache']:.2f}x faster "
-          "per frame")
+    print(f"batch {args.batch} + cache vs batch 1 without cache: "
+          f"{result['speedup_batch_cache_vs_b1_nocache']:.2f}x faster per frame")
     if args.out:
         write_text_atomic(args.out, json.dumps(result, indent=1))
     return result

@@ -146,8 +146,8 @@ def child(args: dict) -> dict:
 
 def run_child(args: dict) -> dict:
     env = dict(os.environ)
-    r = subprocess.run([sys.executable, "-m", "bench.e2e", "--_child", json.dumps(args)], capture_output=True, text=True,
-                       cwd=ROOT, env=env)
+    r = subprocess.run([sys.executable, "-m", "bench.e2e", "--_child", json.dumps(args)],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode != 0:
         raise KeeprError(f"e2e run failed ({args['precision']}): {failure_line(r.stderr)}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--compare_batch", action="store_true", help="also run the lowest precision at batch 1")
     p.add_argument("--tune_allocator", type=int, default=1, help="1: keepr.precision.tune_allocator() first")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per run, median shown (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per run, median shown (default 3, quick 1)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)

@@ -158,7 +158,8 @@ def main(argv=None):
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['mode']} | {r['ms_per_frame']:.0f} | {r['speedup_vs_official']:.2f}x | "
-              f"{r['gflop_per_frame']:.1f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% ({r['peak_dtype']}) |")
+              f"{r['gflop_per_frame']:.1f} | {r['gflops']:.0f} | "
+              f"{100 * r['fraction_of_peak']:.0f}% ({r['peak_dtype']}) |")
     print("\n| accuracy | max abs | mean abs | PSNR uint8 (dB) | pixels off > 1 level | > 2 levels |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for k, a in acc.items():

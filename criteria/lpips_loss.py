@@ -59,7 +59,8 @@ class LPIPSLoss(nn.Module):
         try:
             trunk.load_state_dict({dst: state[src] for dst, src in wanted.items()})
         except RuntimeError as exc:
-            raise KeeprError(f"{path}: LPIPS backbone weights have the wrong shapes ({str(exc).splitlines()[0]})") from None
+            raise KeeprError(f"{path}: LPIPS backbone weights have the wrong shapes "
+                             f"({str(exc).splitlines()[0]})") from None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -67,5 +68,6 @@ class LPIPSLoss(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        assert x.shape == y.shape and x.ndim == 4, f"LPIPS needs two equal NCHW batches, got {tuple(x.shape)} and {tuple(y.shape)}"
+        assert x.shape == y.shape and x.ndim == 4, \
+            f"LPIPS needs two equal NCHW batches, got {tuple(x.shape)} and {tuple(y.shape)}"
         return self.model(x, y).mean()

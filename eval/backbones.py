@@ -40,7 +40,8 @@ class InceptionFeatures(nn.Module):
         from torchvision.models import inception_v3
 
         if not weights_path:
-            raise KeeprError(f"Inception weights needed for FID/KID: pass --inception_weights PATH (get it from: {where('inception')})")
+            raise KeeprError("Inception weights needed for FID/KID: pass --inception_weights PATH "
+                             f"(get it from: {where('inception')})")
         path = Path(weights_path)
         if not path.is_file():
             raise missing("inception", path)

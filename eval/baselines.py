@@ -53,7 +53,8 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     bad = [m for m in names if m not in ALL_METHODS]
     if bad or not names:
-        raise KeeprError(f"--methods: unknown method(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(ALL_METHODS)}")
+        raise KeeprError(f"--methods: unknown method(s) {', '.join(bad) or '(none given)'}; "
+                         f"choose from {', '.join(ALL_METHODS)}")
     return list(dict.fromkeys(names))
 
 

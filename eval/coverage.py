@@ -23,7 +23,8 @@ def faces_in_frame(image: np.ndarray, settings) -> list[tuple]:
     from anonymizer.faces import detect_faces
 
     detector, upsample = settings.coverage_detector()
-    return [tuple(float(v) for v in f.box) for f in detect_faces(image, detector, upsample, 0, settings.detect.max_side)]
+    faces = detect_faces(image, detector, upsample, 0, settings.detect.max_side)
+    return [tuple(float(v) for v in f.box) for f in faces]
 
 
 def faces_in_frames(frames: Iterable[np.ndarray], settings) -> list[list[tuple]]:

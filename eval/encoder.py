@@ -69,7 +69,8 @@ def evaluate_pairs(encoder, G, pairs_root: str | Path, split: str = "val", val_f
     else:
         raise KeeprError(f"--split must be 'val' or 'all', got {split!r}")
     if generator_sha256 is not None and dataset.manifest["generator"]["sha256"] != generator_sha256:
-        raise KeeprError(f"{pairs_root}: pairs were made by another generator ({dataset.manifest['generator']['path']})")
+        raise KeeprError(f"{pairs_root}: pairs were made by another generator "
+                         f"({dataset.manifest['generator']['path']})")
     if max_pairs:
         indices = indices[:max_pairs]
     if not indices:
@@ -101,7 +102,8 @@ def evaluate_pairs(encoder, G, pairs_root: str | Path, split: str = "val", val_f
     w_all = torch.cat(w_all)
     metrics["latent_var"] = (w_all - w_all.mean(dim=0)).square().mean().item()
     metrics["latent_mse_ratio"] = metrics["latent_mse"] / metrics["latent_mse_wavg"]
-    metrics["latent_mse_var_ratio"] = metrics["latent_mse"] / metrics["latent_var"] if metrics["latent_var"] > 0 else float("nan")
+    metrics["latent_mse_var_ratio"] = (metrics["latent_mse"] / metrics["latent_var"] if metrics["latent_var"] > 0
+                                       else float("nan"))
     metrics["num_pairs"] = n
     return metrics, examples
 
@@ -225,7 +227,8 @@ def write_report(out: Path, pair_metrics: dict | None, photo_rows: list[dict], e
     write_text_atomic(paths["photos_csv"], _csv_text(photo_rows, fields))
     dists = [float(r["identity_distance"]) for r in photo_rows if r["identity_distance"] != ""]
     md += ["## Real photos (dlib identity distance, same person below 0.6)", "",
-           f"Re-syntheses with a face: {len(dists)} of {sum(bool(r['face_in_photo']) for r in photo_rows)} aligned photos"
+           f"Re-syntheses with a face: {len(dists)} of "
+           f"{sum(bool(r['face_in_photo']) for r in photo_rows)} aligned photos"
            + (f"; mean distance {np.mean(dists):.4f}" if dists else "; no distance can be computed") + ".", "",
            _md_table(photo_rows, fields), ""]
     sims = [float(r["arcface_similarity"]) for r in photo_rows
@@ -248,7 +251,8 @@ def main(argv=None):
     p.add_argument("--encoder", required=True, help="exported encoder (.safetensors)")
     p.add_argument("--generator", default=None, help="generator file (default: the one recorded in the encoder export)")
     p.add_argument("--pairs", default=None, help="pair directory (omit to skip the pair metrics)")
-    p.add_argument("--split", default="val", choices=["val", "all"], help="which pairs: training's validation split or all")
+    p.add_argument("--split", default="val", choices=["val", "all"],
+                   help="which pairs: training's validation split or all")
     p.add_argument("--val_fraction", type=float, default=0.05, help="val_fraction used in training (for --split val)")
     p.add_argument("--max_pairs", type=int, default=None)
     p.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="photo file or directory (searched recursively)")

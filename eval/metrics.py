@@ -154,7 +154,8 @@ class IdentityLeakage(Metric):
     def update(self, original, anonymized) -> None:
         original, anonymized = _as_tensor(original), _as_tensor(anonymized)
         if original.shape != anonymized.shape or original.ndim != 2 or original.shape[1] != DESCRIPTOR_DIM:
-            raise ValueError(f"expected two [N,{DESCRIPTOR_DIM}] arrays, got {tuple(original.shape)}, {tuple(anonymized.shape)}")
+            raise ValueError(f"expected two [N,{DESCRIPTOR_DIM}] arrays, "
+                             f"got {tuple(original.shape)}, {tuple(anonymized.shape)}")
         keep = ~torch.isnan(original).any(dim=1)
         d = torch.linalg.vector_norm(original[keep] - anonymized[keep], dim=1)
         self.distances.append(d)
@@ -188,7 +189,8 @@ class ReIdentification(Metric):
         super().__init__(**{"sync_on_compute": False, **kwargs})  # a clip's metric is that clip's, on any rank
         gallery = np.asarray(gallery, dtype=np.float64)
         if gallery.ndim != 2 or gallery.shape[1] != DESCRIPTOR_DIM or len(gallery) != len(labels) or len(labels) == 0:
-            raise ValueError(f"gallery must be [G,{DESCRIPTOR_DIM}] with G labels, got {gallery.shape} and {len(labels)}")
+            raise ValueError(f"gallery must be [G,{DESCRIPTOR_DIM}] with G labels, "
+                             f"got {gallery.shape} and {len(labels)}")
         self.label_names = list(labels)
         self._index = {name: i for i, name in enumerate(sorted(set(self.label_names)))}
         self.register_buffer("gallery", torch.as_tensor(gallery))
@@ -386,7 +388,8 @@ class FaceMeasurer:
     def measure(self, rgb: np.ndarray, box: Sequence[float] | None = None) -> FaceMeasurement:
         face = self.detect(rgb, box)
         if face is not None:
-            return FaceMeasurement(True, np.asarray(face.landmarks, np.float64), self.recognizer.descriptor(rgb, face), False, face.box)
+            return FaceMeasurement(True, np.asarray(face.landmarks, np.float64), self.recognizer.descriptor(rgb, face),
+                                   False, face.box)
         if box is None:
             return FaceMeasurement.missing()
         ibox = tuple(int(round(v)) for v in box)

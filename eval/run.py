@@ -44,8 +44,7 @@ from eval import coverage as C
 from eval import metrics as M
 from eval import temporal as T
 from eval.backbones import ImageQuality
-from eval.baselines import (PIXEL_METHODS, PixelMethod, keepr_frames, keepr_settings, parse_methods,
-                            track_target)
+from eval.baselines import PIXEL_METHODS, PixelMethod, keepr_frames, keepr_settings, parse_methods, track_target
 from keepr.errors import KeeprError, cli_main
 from keepr.fileio import atomic_path
 
@@ -398,7 +397,8 @@ def arcface_similarity(path: str, anonymized, reference: list[M.FaceMeasurement]
 # Photos: gallery and top-1 re-identification.
 
 
-def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer, progress: bool = True) -> dict[Path, M.FaceMeasurement]:
+def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer,
+                    progress: bool = True) -> dict[Path, M.FaceMeasurement]:
     """The largest face of every photo (photos without a face are left out)."""
     from keepr.images import load_image
 
@@ -436,7 +436,8 @@ def evaluate_photos(paths: Sequence[Path], described: dict[Path, M.FaceMeasureme
             det.update([anon.detected])
             leak.update(ref.descriptor[None], anon.descriptor[None])
             others = [q for q in described if q != p]
-            reid = M.ReIdentification(np.stack([described[q].descriptor for q in others]), [photo_identity(q) for q in others])
+            reid = M.ReIdentification(np.stack([described[q].descriptor for q in others]),
+                                      [photo_identity(q) for q in others])
             reid.update(anon.descriptor[None], [photo_identity(p)])
             reid_hits.append(reid.compute())
         row["reid_probes"] = len(probes)
@@ -519,7 +520,8 @@ def markdown_table(summary: dict[str, dict], photo_rows: dict[str, dict], videos
         "leak@t: share of frames whose anonymized face is within dlib distance t of the original (an attacker that "
         "knows the face box); track leak: the same for descriptors averaged over each video; re-id top-1: London "
         "neutral photos, anonymized, whose nearest gallery photo is the same person; detected: dlib HOG finds the "
-        "anonymized face (frames where it finds the original); desc. FD: Frechet distance of dlib descriptor sets; lmk NME / yaw / pitch: landmark and "
+        "anonymized face (frames where it finds the original); desc. FD: Frechet distance of dlib descriptor sets; "
+        "lmk NME / yaw / pitch: landmark and "
         "head-pose error against the original (detected faces only); warp err: Farneback-flow warping error (grey "
         "levels); flicker+: face brightness change not in the original (grey levels/frame); id spread: std of the "
         "per-frame identity distance; ArcFace sim: mean cosine similarity of ArcFace IR-SE-50 embeddings of the "
@@ -853,7 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> EvalResult | None:
     args = build_parser().parse_args(argv)
     keepr = {k: getattr(args, k) for k in ("config", "generator", "encoder", "cosegmentation",
-                                           "cosegmentation_config", "seed", "candidate") if getattr(args, k) is not None}
+                                           "cosegmentation_config", "seed", "candidate")
+             if getattr(args, k) is not None}
     settings = EvalSettings(
         methods=parse_methods(args.methods), max_frames=args.max_frames, upsample=args.upsample, margin=args.margin,
         inception_weights=args.inception_weights, lpips_weights=args.lpips_weights, keepr=keepr, arcface=args.arcface,

@@ -122,12 +122,14 @@ def region_brightness(frame: np.ndarray, box: Sequence[float] | None, margin: fl
     return np.nan if sl is None else float(luma(frame[sl]).mean())
 
 
-def face_brightness(frames: Iterable[np.ndarray], boxes: Sequence[Sequence[float] | None], margin: float = 0.0) -> np.ndarray:
+def face_brightness(frames: Iterable[np.ndarray], boxes: Sequence[Sequence[float] | None],
+                    margin: float = 0.0) -> np.ndarray:
     """Mean luma of the face region per frame (NaN without a box)."""
     return np.array([region_brightness(frame, box, margin) for frame, box in zip(frames, boxes)])
 
 
-def brightness_flicker(anonymized_brightness: np.ndarray, original_brightness: np.ndarray | None = None) -> dict[str, float]:
+def brightness_flicker(anonymized_brightness: np.ndarray,
+                       original_brightness: np.ndarray | None = None) -> dict[str, float]:
     """Mean |frame-to-frame change| of the face's mean luma; with the original's, also the change it does not explain.
 
     ``flicker`` is the raw mean absolute change (grey levels per frame); ``flicker_excess`` is the mean absolute

@@ -117,7 +117,8 @@ def _prefix(name: str) -> str:
     return f".{name[:_MAX_NAME]}.keepr-"
 
 
-_OWNER = re.compile(r"^(?P<host>[0-9a-f]{8})-(?P<pid>\d{1,10})-(?P<start>\d{1,20})-(?P<rand>[0-9a-f]{8})(?P<suffix>.*)\.tmp$")
+_OWNER = re.compile(r"^(?P<host>[0-9a-f]{8})-(?P<pid>\d{1,10})-(?P<start>\d{1,20})-(?P<rand>[0-9a-f]{8})"
+                    r"(?P<suffix>.*)\.tmp$")
 
 
 def temporary_owner(path: str | os.PathLike, dest: str | os.PathLike) -> tuple[str, int, int] | None:

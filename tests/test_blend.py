@@ -79,7 +79,8 @@ def test_paste_changes_only_the_crop_footprint():
     assert not np.array_equal(out, frame)
     # Pasting a crop of a smooth frame back changes (almost) nothing: the geometry round-trips.
     yy, xx = np.mgrid[0:120, 0:160]
-    smooth = np.stack([128 + 100 * np.sin(xx / 9.0), 128 + 100 * np.cos(yy / 7.0), (xx + yy) % 256], -1).astype(np.uint8)
+    smooth = np.stack([128 + 100 * np.sin(xx / 9.0), 128 + 100 * np.cos(yy / 7.0), (xx + yy) % 256],
+                      -1).astype(np.uint8)
     crop, inv = crop_frame(smooth, box, 64)
     back = paste(smooth, crop, inv, feather_mask(None, 64, border=0.1))
     diff = np.abs(back.astype(int) - smooth.astype(int))

@@ -123,7 +123,8 @@ def test_swap_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert check_device("cuda:0") == "cuda:0" and check_device("cuda") == "cuda"
-    assert "swap.device 'cuda:3': there is only 1 CUDA GPU (cuda:0..cuda:0)" in refused(settings(swap={"device": "cuda:3"}))
+    assert ("swap.device 'cuda:3': there is only 1 CUDA GPU (cuda:0..cuda:0)"
+            in refused(settings(swap={"device": "cuda:3"})))
     assert check_device("cpu") == "cpu"
 
 

@@ -149,7 +149,8 @@ def _spec_tensors(entries):
 @pytest.mark.parametrize("k", [5, 10, 15])
 def test_full_size_key_lists(fixtures_dir, k):
     specs = fixtures_dir / "specs"
-    fomm = json.loads((specs / "cosegmentation_vox_fomm_layout_keys.json").read_text())["configs"][f"vox-256-sem-{k}segments"]
+    fomm_specs = json.loads((specs / "cosegmentation_vox_fomm_layout_keys.json").read_text())
+    fomm = fomm_specs["configs"][f"vox-256-sem-{k}segments"]
     model = build_model(f"configs/cosegmentation/vox-256-{k}segments.yaml")
     assert model.img_size == 256 and model.num_segments == k
     rename = {"kp.": "shift.", "jacobian.": "affine.", "semantic_seg.": "segmentation."}
@@ -161,7 +162,8 @@ def test_full_size_key_lists(fixtures_dir, k):
         expect[f"segmentation_module.{key}"] = e["shape"]
     got = {key: list(v.shape) for key, v in model.state_dict().items()}
     assert got == expect
-    layouts = {"fomm": {"generator": _spec_tensors(fomm["generator"]), "kp_detector": _spec_tensors(fomm["kp_detector"]),
+    layouts = {"fomm": {"generator": _spec_tensors(fomm["generator"]),
+                        "kp_detector": _spec_tensors(fomm["kp_detector"]),
                         "optimizer_generator": {"state": {}, "param_groups": []}}}
     if k == 10:
         logger = json.loads((specs / "cosegmentation_vox10_keys.json").read_text())
@@ -170,7 +172,8 @@ def test_full_size_key_lists(fixtures_dir, k):
                              "optimizer_segmentation_module": {"state": {}, "param_groups": []}, "epoch": 4}
         counts = logger["param_counts"]["vox-256-sem-10segments.yaml"]
         assert sum(p.numel() for p in model.segmentation_module.parameters()) == counts["segmentation_module_params"]
-        assert sum(p.numel() for p in model.reconstruction_module.parameters()) == counts["reconstruction_module_params"]
+        n_params = sum(p.numel() for p in model.reconstruction_module.parameters())
+        assert n_params == counts["reconstruction_module_params"]
     for ckpt in layouts.values():
         load_state(model, checkpoint_state_dict(ckpt))
         src = ckpt.get("generator", ckpt.get("reconstruction_module"))

@@ -35,7 +35,8 @@ def test_encoder_eval_notebook(tmp_path, monkeypatch):
     assert (out / "inversion" / "encoder_reconstructions.png").is_file()
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
     assert "last val latent MSE" in text
-    images = [o for o in _outputs(nb, "display_data") + _outputs(nb, "execute_result") if "image/png" in o.get("data", {})]
+    images = [o for o in _outputs(nb, "display_data") + _outputs(nb, "execute_result")
+              if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the training curves and the reconstructions figure
 
 

@@ -131,7 +131,8 @@ def test_execution_paths_agree(pdir, pconfig, reference_state, io, conv_clamp):
 
 
 def test_pickle_protocol2_numpy_scalars(tmp_path):
-    """Protocol-2 pickles (``_codecs.encode`` bytes, ``__builtin__.set``) and numpy scalars load through the allow-list."""
+    """Protocol-2 pickles (``_codecs.encode`` bytes, ``__builtin__.set``) and numpy scalars load through the
+    allow-list."""
     import io as io_
 
     import numpy as np

@@ -88,7 +88,8 @@ def test_roundtrip_keeps_size_rate_count_and_audio(media_dir, tmp_path):
     assert count_frames(out) == count_frames(src) == 75
     assert o.has_audio and audio_packets(out) == audio_packets(src)  # mp2 packets copied bit-exactly
     # Untouched pixels come back equal up to codec error.
-    diffs = [np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in zip(VideoReader(src), VideoReader(out))]
+    diffs = [np.abs(a.image.astype(int) - b.image.astype(int)).mean()
+             for a, b in zip(VideoReader(src), VideoReader(out))]
     assert len(diffs) == 75 and max(diffs) < 4.0
 
 

@@ -72,7 +72,8 @@ def _read_checkpoint(path: str) -> dict:
 def checkpoint_state_dict(ckpt: dict, path: str = "<checkpoint>") -> dict:
     """Flatten either layout to model keys (``segmentation_module.*``, ``reconstruction_module.*``)."""
     if "segmentation_module" in ckpt and "reconstruction_module" in ckpt:
-        parts = {"segmentation_module": ckpt["segmentation_module"], "reconstruction_module": ckpt["reconstruction_module"]}
+        parts = {"segmentation_module": ckpt["segmentation_module"],
+                 "reconstruction_module": ckpt["reconstruction_module"]}
     elif "generator" in ckpt and "kp_detector" in ckpt:
         seg = {}
         for key, value in dict(ckpt["kp_detector"]).items():

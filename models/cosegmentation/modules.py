@@ -277,7 +277,8 @@ class ReconstructionModule(nn.Module):
         self.estimate_visibility = estimate_visibility
         self.first = SameBlock2d(num_channels, block_expansion, kernel_size=(7, 7), padding=(3, 3))
         self.down_blocks = nn.ModuleList([
-            DownBlock2d(min(max_features, block_expansion * (2 ** i)), min(max_features, block_expansion * (2 ** (i + 1))),
+            DownBlock2d(min(max_features, block_expansion * (2 ** i)),
+                        min(max_features, block_expansion * (2 ** (i + 1))),
                         kernel_size=(3, 3), padding=(1, 1))
             for i in range(num_down_blocks)])
         self.up_blocks = nn.ModuleList([

@@ -238,8 +238,10 @@ class CoPartModel(nn.Module):
     def save(self, path) -> None:
         """Write a checkpoint in the authors' logger layout (plain tensors; loadable with weights_only=True)."""
 
-        ckpt = {"segmentation_module": {k: v.detach().cpu().clone() for k, v in self.segmentation_module.state_dict().items()},
-                "reconstruction_module": {k: v.detach().cpu().clone() for k, v in self.reconstruction_module.state_dict().items()},
+        ckpt = {"segmentation_module": {k: v.detach().cpu().clone()
+                                        for k, v in self.segmentation_module.state_dict().items()},
+                "reconstruction_module": {k: v.detach().cpu().clone()
+                                          for k, v in self.reconstruction_module.state_dict().items()},
                 "epoch": 0}
         with atomic_path(path) as tmp:
             torch.save(ckpt, tmp)

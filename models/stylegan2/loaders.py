@@ -79,7 +79,8 @@ def normalize_init_kwargs(kwargs: Mapping[str, Any], source: str = "config") -> 
 
 
 def load_generator_config(config: str | Path) -> dict:
-    """``init_kwargs`` from a YAML/JSON file (``configs/generator/*.yaml``) or a config name ('tiny', 'ffhq256', ...)."""
+    """``init_kwargs`` from a YAML/JSON file (``configs/generator/*.yaml``) or a config name ('tiny', 'ffhq256',
+    ...)."""
     path = Path(config)
     if not path.exists() and not path.suffix:
         path = CONFIG_DIR / f"{config}.yaml"
@@ -320,8 +321,9 @@ def rosinality_config(state: Mapping[str, torch.Tensor], source: str) -> dict:
     synthesis = dict(channel_base=base, channel_max=cmax, num_fp16_res=0, conv_clamp=None, architecture="skip",
                      resample_filter=_rosinality_filter(state, source))
     mapping = dict(num_layers=n_mlp, lr_multiplier=0.01)
-    return normalize_init_kwargs(dict(z_dim=z_dim, c_dim=0, w_dim=w_dim, img_resolution=2 ** log2, img_channels=img_channels,
-                                      mapping_kwargs=mapping, synthesis_kwargs=synthesis), source)
+    return normalize_init_kwargs(dict(z_dim=z_dim, c_dim=0, w_dim=w_dim, img_resolution=2 ** log2,
+                                      img_channels=img_channels, mapping_kwargs=mapping,
+                                      synthesis_kwargs=synthesis), source)
 
 
 def _channel_base_max(channels: dict[int, int], source: str) -> tuple[int, int]:
