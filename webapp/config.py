@@ -2,12 +2,12 @@
 
 ``python -m webapp`` takes the app's options (``--host``, ``--port``, ``--work_dir``, ``--max_upload_mb``,
 ``--workers``, ``--expire_hours``) and hands everything else (``--config FILE`` in order, ``--detect.upsample 1``,
-``--generator PATH``...) to ``anonymizer.cli.build_parser`` / ``settings_from_args`` (as infer.py), so the page runs on exactly the
-settings ``infer.py`` would use with the same options.
+``--generator PATH``...) to ``anonymizer.cli.build_parser`` / ``settings_from_args`` (as infer.py), so the page runs
+on exactly the settings ``infer.py`` would use with the same options.
 
 Without ``--config`` or a model path, and without the official weights at their default places, the app runs on the
 tiny random-init models of ``make demo`` (``outputs/tiny/``; built here when missing, as
-``scripts/make_tiny_models.py`` does; the demo's trained tiny encoder when ``make demo`` has made it, else an
+``python -m scripts.make_tiny_models`` does; the demo's trained tiny encoder when ``make demo`` has made it, else an
 untrained one) with ``configs/infer/tiny.yaml``, and the page shows a banner saying so.
 """
 from __future__ import annotations
@@ -63,32 +63,21 @@ def infer_settings(configs: list[str], extra: list[str]) -> InferSettings:
 
 def ensure_tiny_models(out: Path = ROOT / "outputs") -> dict[str, Path]:
     """The demo's tiny models under ``out`` (built when missing, as ``make demo``'s first step does)."""
-    import torch
-    import yaml
-
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2 import make_tiny_generator
+    # heavy (torch): only when the app falls back to the tiny models
+    from models.encoder import save_encoder
+    from models.stylegan2 import load_generator
+    from models.tiny import COSEG_FILE, GENERATOR_FILE, make_tiny_models, tiny_encoder
 
     tiny = out / "tiny"
-    gen, seg = tiny / "generator_tiny.safetensors", tiny / "cosegmentation_tiny.pth.tar"
-    tiny.mkdir(parents=True, exist_ok=True)
-    if not gen.is_file():
-        make_tiny_generator(seed=0).save(gen)
-    if not seg.is_file():
-        make_tiny_cosegmentation(config=str(ROOT / "configs" / "cosegmentation" / "tiny.yaml"), seed=0).save(seg)
+    gen, seg = tiny / GENERATOR_FILE, tiny / COSEG_FILE
+    if not (gen.is_file() and seg.is_file()):
+        make_tiny_models(tiny, seed=0, encoder=False)  # as `make demo` does
     enc = out / "encoder_tiny_demo" / "encoder.safetensors"  # trained by `make demo`
     if not enc.is_file():
         enc = out / "webapp" / "encoder_tiny_untrained.safetensors"
         if not enc.is_file():
-            from models.stylegan2 import load_generator
-
             enc.parent.mkdir(parents=True, exist_ok=True)
-            G = load_generator(gen)
-            cfg = yaml.safe_load((ROOT / "configs" / "encoder" / "tiny.yaml").read_text())["model"]["encoder"]
-            torch.manual_seed(0)
-            e = Encoder(w_dim=G.w_dim, num_ws=G.num_ws, img_resolution=G.img_resolution, **cfg)
-            save_encoder(e, enc, gen)
+            save_encoder(tiny_encoder(load_generator(gen), seed=0), enc, gen)
     return {"generator": gen, "encoder": enc, "cosegmentation": seg}
 
 

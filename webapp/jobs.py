@@ -27,8 +27,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anonymizer.pipeline import (Cancelled, check_input, make_target, render_video, summary_line, track_faces,
-                                 virtual_faces)
+from anonymizer.pipeline import (
+    Cancelled,
+    check_input,
+    make_target,
+    render_video,
+    summary_line,
+    track_faces,
+    virtual_faces,
+)
 from anonymizer.scan import no_face_message
 from anonymizer.streams import plan_streams
 from anonymizer.video import VideoReader, VideoWriter
