@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 from anonymizer.cli import build_parser, settings_from_args
+from anonymizer.photos import anonymize_images
+from anonymizer.photos import summary_line as photos_summary
 from anonymizer.pipeline import anonymize_video, summary_line
 from anonymizer.settings import InferSettings
 from keepr.errors import KeeprError, cli_main
@@ -48,8 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 def images_main(cfg, settings: InferSettings, argv: list[str] | None) -> dict:
     """``--images``: anonymize photos (anonymizer.photos); one-line error and status 1 when a photo failed."""
-    from anonymizer.photos import anonymize_images
-    from anonymizer.photos import summary_line as photos_summary
 
     report = anonymize_images(cfg.images, cfg.out, settings,
                               command=["infer.py", *(sys.argv[1:] if argv is None else argv)])

@@ -166,11 +166,11 @@ def input_work(path: Path, kind: str) -> float:
     """Frames x pixels of a video from its header (pixels of a photo); 0 when it cannot be read."""
     try:
         if kind == "photo":
-            from PIL import Image
+            from PIL import Image  # heavy (PIL): only in input_work()
 
             with Image.open(path) as im:
                 return float(im.width * im.height)
-        from anonymizer.video import probe_video
+        from anonymizer.video import probe_video  # heavy (av): only in input_work()
 
         info = probe_video(path)
         frames = info.num_frames or (info.duration or 0.0) * float(info.fps) or 1
@@ -292,7 +292,7 @@ def anonymize_photo(path: str, out_dir: Path, rel: str, settings, models, comman
                     model_files: dict, input_sha: str) -> dict:
     """One photo into ``out_dir`` (``anonymized.<ext>`` and ``report.json``), atomically; returns the report."""
 
-    from anonymizer.photos import anonymize_image, read_photo, write_photo
+    from anonymizer.photos import anonymize_image, read_photo, write_photo  # heavy (cv2)
 
     t0 = time.perf_counter()
     photo = read_photo(path)
@@ -315,7 +315,7 @@ def anonymize_photo(path: str, out_dir: Path, rel: str, settings, models, comman
 def process_item(item: Item, out_root: Path, settings, get_models: Callable[[], Any], model_files: dict,
                  command: list[str] | None = None, progress=None) -> dict:
     """Do (or skip) one input; its record. Failures are recorded, never raised (KeyboardInterrupt aside)."""
-    from anonymizer.pipeline import anonymize_video
+    from anonymizer.pipeline import anonymize_video  # heavy (torch): only in process_item()
 
     t0 = time.perf_counter()
     rec: dict = {"index": item.index, "input": item.path, "kind": item.kind, "output": item.out, "status": "",
@@ -445,9 +445,9 @@ class RankProgress:
 
 
 def _lightning():
-    import pytorch_lightning as pl
-    import torch
-    from torch.utils.data import Dataset, Sampler
+    import pytorch_lightning as pl  # heavy (lightning): only in _lightning()
+    import torch  # heavy (torch): only in _lightning()
+    from torch.utils.data import Dataset, Sampler  # heavy (torch): only in _lightning()
 
     class InputsDataset(Dataset):
         def __init__(self, n: int):
@@ -501,7 +501,7 @@ def _lightning():
             trainer.strategy.barrier("keepr-batch-setup")
 
         def predict_dataloader(self):
-            from torch.utils.data import DataLoader
+            from torch.utils.data import DataLoader  # heavy (torch): only in _lightning()
 
             t = self.trainer
             sampler = WholeInputSampler(self.items, t.global_rank, t.world_size)
@@ -510,7 +510,7 @@ def _lightning():
 
         def models(self):
             if self._models is None:
-                from anonymizer.pipeline import load_models
+                from anonymizer.pipeline import load_models  # heavy (torch): only in _lightning()
 
                 self._models = load_models(self.settings.models, self.settings.swap.device)
             return self._models
@@ -567,7 +567,7 @@ def _lightning():
 
 def build_parser():
     """infer.py's parser (every settings option, --config) plus --inputs, --threads and the Trainer options."""
-    from pytorch_lightning import Trainer
+    from pytorch_lightning import Trainer  # heavy (lightning): only in build_parser()
 
     p = infer.build_parser()
     p.prog = "python -m anonymizer.batch"
@@ -601,7 +601,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, dict | None]:
         raise KeeprError("--video/--images are infer.py's; give the inputs with --inputs")
     if cfg.threads < 0:
         raise KeeprError(f"--threads must be >= 0, got {cfg.threads}")
-    from anonymizer.pipeline import check_model_files
+    from anonymizer.pipeline import check_model_files  # heavy (torch): only in run()
 
     settings = infer.settings_from_args(cfg)
     validate_settings(settings)
@@ -614,7 +614,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, dict | None]:
     for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    import pytorch_lightning as pl
+    import pytorch_lightning as pl  # heavy (lightning): only in run()
 
     _, _, BatchAnonymizer = _lightning()
     trainer = pl.Trainer(**trainer_kwargs(cfg))

@@ -91,7 +91,7 @@ def check_device(device, option: str = "swap.device") -> str:
         return device
     if not isinstance(device, str) or not device.strip():
         raise KeeprError(f"{option} must be a torch device name such as cpu, cuda or cuda:0, got {device!r}")
-    import torch
+    import torch  # heavy (torch): only in check_device()
 
     try:
         dev = torch.device(device)

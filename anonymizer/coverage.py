@@ -75,7 +75,7 @@ def owner_of(box: Sequence[float], person_boxes: dict[int, Sequence[float]]) -> 
 
 
 def _face(box: Sequence[float], landmarks: np.ndarray):
-    from anonymizer.faces import Face
+    from anonymizer.faces import Face  # heavy (torch): only in _face()
 
     b = tuple(int(round(v)) for v in box[:4])
     return Face(box=b, landmarks=landmarks, score=0.0)
@@ -83,7 +83,7 @@ def _face(box: Sequence[float], landmarks: np.ndarray):
 
 def descriptor_at(recognizer, rgb: np.ndarray, box: Sequence[float]) -> np.ndarray | None:
     """dlib descriptor of the face at ``box`` in ``rgb`` (landmarks predicted inside the box)."""
-    from anonymizer.faces import landmarks_for_box
+    from anonymizer.faces import landmarks_for_box  # heavy (torch): only in descriptor_at()
 
     if recognizer is None:
         return None
@@ -123,7 +123,7 @@ def cover_frame(ctx: CoverFrame, frame_in: np.ndarray, frame_out: np.ndarray, fa
     ``check_identity``: compare the anonymized faces with the original identity in this frame (if ``ctx.identity``).
     Returns one dict per face: box, person, result, reason, alpha and, when checked, identity_distance.
     """
-    from anonymizer.identity import descriptor_distance
+    from anonymizer.identity import descriptor_distance  # heavy (torch): only in cover_frame()
 
     results = []
     for f in faces:

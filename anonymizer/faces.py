@@ -70,19 +70,19 @@ def model_path(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _hog_detector():
-    import dlib
+    import dlib  # heavy (dlib): only in _hog_detector()
     return dlib.get_frontal_face_detector()
 
 
 @functools.lru_cache(maxsize=None)
 def _cnn_detector():
-    import dlib
+    import dlib  # heavy (dlib): only in _cnn_detector()
     return dlib.cnn_face_detection_model_v1(model_path("cnn_detector"))
 
 
 @functools.lru_cache(maxsize=None)
 def _shape_predictor():
-    import dlib
+    import dlib  # heavy (dlib): only in _shape_predictor()
     return dlib.shape_predictor(model_path("landmarks68"))
 
 
@@ -120,7 +120,7 @@ class Face:
 
 
 def _dlib_rect(box: Sequence[float]):
-    import dlib
+    import dlib  # heavy (dlib): only in _dlib_rect()
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     return dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
 

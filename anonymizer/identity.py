@@ -20,12 +20,12 @@ SAME_PERSON_THRESHOLD = 0.6  # dlib's same-person decision threshold for this mo
 
 @functools.lru_cache(maxsize=None)
 def _recognition_model():
-    import dlib
+    import dlib  # heavy (dlib): only in _recognition_model()
     return dlib.face_recognition_model_v1(model_path("recognition"))
 
 
 def _full_object_detection(face: Face):
-    import dlib
+    import dlib  # heavy (dlib): only in _full_object_detection()
     b = face.detector_box or face.box
     rect = dlib.rectangle(int(b[0]), int(b[1]), int(b[2]) - 1, int(b[3]) - 1)
     pts = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in np.asarray(face.landmarks)])

@@ -58,7 +58,7 @@ class Person:
 
     def thumbnail(self, size: int = 128) -> np.ndarray | None:
         """A square RGB crop of the best frame around the face (for choosing people on the web page)."""
-        import cv2
+        import cv2  # heavy (cv2): only in thumbnail()
 
         t = self.best
         if t.best_image is None or t.best_box is None:
@@ -104,7 +104,7 @@ def overlaps(a: Sequence[Track], b: Sequence[Track]) -> bool:
 
 def track_descriptor(recognizer, track: Track) -> np.ndarray | None:
     """dlib descriptor of a track's best frame (None when it has no kept image or landmarks)."""
-    from anonymizer.faces import Face
+    from anonymizer.faces import Face  # heavy (torch): only in track_descriptor()
 
     if recognizer is None or track.best_image is None or track.best_landmarks is None or track.best_box is None:
         return None
@@ -117,7 +117,7 @@ def track_descriptor(recognizer, track: Track) -> np.ndarray | None:
 
 def link_persons(tracks: Sequence[Track], recognizer=None, threshold: float | None = 0.6) -> list[Person]:
     """Group tracks into persons (see the module docstring); persons sorted by prominence, ids 0, 1, ..."""
-    from anonymizer.identity import descriptor_distance
+    from anonymizer.identity import descriptor_distance  # heavy (torch): only in link_persons()
 
     groups = [[t] for t in tracks]
     descs = [track_descriptor(recognizer, t) for t in tracks]

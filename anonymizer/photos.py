@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from anonymizer.blend import feather_mask, paste
 from anonymizer.checks import validate_settings
@@ -85,8 +86,8 @@ _NEUTRAL = {"progress", "strict"}
 def load_models(paths, device: str = "cpu"):
     """The pipeline's models (``anonymizer.pipeline.load_models``) after checking that every file exists
     (MissingWeightsError naming the first missing one and where to get it)."""
-    from anonymizer.pipeline import check_model_files
-    from anonymizer.pipeline import load_models as _load
+    from anonymizer.pipeline import check_model_files  # heavy (torch): only in load_models()
+    from anonymizer.pipeline import load_models as _load  # heavy (torch): only in load_models()
 
     check_model_files(paths)
     return _load(paths, device)
@@ -114,7 +115,7 @@ class PhotoFaces:
 
 def find_persons(image: np.ndarray, settings: InferSettings, recognizer=None) -> PhotoFaces:
     """Faces of one photo as a one-frame scan (see the module docstring)."""
-    from anonymizer.faces import detect_faces
+    from anonymizer.faces import detect_faces  # heavy (torch): only in find_persons()
 
     s, d, t = settings, settings.detect, settings.track
     t0 = time.perf_counter()
@@ -147,9 +148,9 @@ def _chunks(items: list, size: int):
 
 def _encode(encoder, aligned: list[np.ndarray], device, batch: int):
     """ws [N, num_ws, w_dim] (CPU float32) of aligned uint8 RGB crops, ``batch`` at a time."""
-    import torch
+    import torch  # heavy (torch): only in _encode()
 
-    from keepr.images import to_float_image
+    from keepr.images import to_float_image  # heavy (torch): only in _encode()
 
     out = []
     with torch.no_grad():
@@ -171,9 +172,9 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
     :func:`anonymizer.candidates.make_candidates` (noise per (seed, candidate, draw), guard, redraws, choice, skin
     match), but the encoder and the first draw of the generator run batched over all jobs.
     """
-    import torch
+    import torch  # heavy (torch): only in make_virtual_faces()
 
-    from anonymizer.candidates import (
+    from anonymizer.candidates import (  # heavy (torch): only in make_virtual_faces()
         Candidate,
         _device_of,
         _noise,
@@ -184,8 +185,8 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
         layer_mask,
         synthesize,
     )
-    from anonymizer.faces import align_face
-    from anonymizer.virtual_face import VirtualFace, _tone, choose_candidate
+    from anonymizer.faces import align_face  # heavy (torch): only in make_virtual_faces()
+    from anonymizer.virtual_face import VirtualFace, _tone, choose_candidate  # heavy (torch)
 
     watch = watch or Stopwatch()
     vs = settings.virtual_face
@@ -273,7 +274,7 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
                               interpolation=cv2.INTER_CUBIC if face.shape[0] < align_size else cv2.INTER_AREA)
         skin = {"applied": False}
         if vs.skin_match:
-            from anonymizer.skin import match_skin_tone
+            from anonymizer.skin import match_skin_tone  # heavy (torch): only in make_virtual_faces()
 
             try:
                 face, info = match_skin_tone(face, aligned.image, seed=seed, return_info=True)
@@ -304,9 +305,9 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
 
 def _stacked_cache(caches: list):
     """One SourceCache holding N sources (entry i pairs with driving frame i)."""
-    import torch
+    import torch  # heavy (torch): only in _stacked_cache()
 
-    from models.cosegmentation.part_swap import SourceCache
+    from models.cosegmentation.part_swap import SourceCache  # heavy (torch): only in _stacked_cache()
 
     feats = [c.features for c in caches]
     dtype = feats[0].dtype
@@ -323,8 +324,8 @@ def swap_faces(targets: list, crops: list[np.ndarray], settings: InferSettings, 
     Returns the swapped crops (uint8 [N,S,S,3]) and the blend masks (float32 [N,S,S], None with ``blend.mask
     crop``), as ``PartSwapper(..., return_mask=True)`` gives them for one face.
     """
-    import torch
-    import torch.nn.functional as F
+    import torch  # heavy (torch): only in swap_faces()
+    import torch.nn.functional as F  # heavy (torch): only in swap_faces()
 
     s = settings
     watch = watch or Stopwatch()
@@ -367,7 +368,7 @@ def anonymize_batch(images: Sequence[np.ndarray], names: Sequence[str], settings
     Returns per photo ``(out_rgb, info)``, or the KeeprError that photo raised (e.g. ``--face 2`` on a photo with
     two faces): one photo's problem never stops the others.
     """
-    from anonymizer.pipeline import check_parts, make_target
+    from anonymizer.pipeline import check_parts, make_target  # heavy (torch): only in anonymize_batch()
 
     s = settings
     watch = watch or Stopwatch()
@@ -489,7 +490,7 @@ def anonymize_image(image_rgb: np.ndarray, settings: InferSettings, models, name
     ``persons``: per face its box, whether chosen, its virtual face's report (seed, chosen candidate, candidate
     distances); ``coverage``: per face what was done; ``complete``; ``timing_ms``). ``name`` seeds the candidates
     (:func:`face_seed`). Raises KeeprError for bad settings or an impossible ``--face`` choice."""
-    from keepr.images import to_rgb_uint8
+    from keepr.images import to_rgb_uint8  # heavy (torch): only in anonymize_image()
 
     validate_settings(settings)
     image = to_rgb_uint8(image_rgb)
@@ -689,7 +690,7 @@ def anonymize_images(path: str | os.PathLike, out_dir: str | os.PathLike, settin
                      progress: Callable[[int, int], None] | None = None) -> dict:
     """Anonymize a photo or a folder of photos into ``out_dir`` (see the module docstring); returns the report,
     also written to ``out_dir/report.json``. Per-photo failures are listed in it (``failed``), never raised."""
-    from anonymizer.pipeline import check_model_files, warn
+    from anonymizer.pipeline import check_model_files, warn  # heavy (torch): only in anonymize_images()
 
     t_start = time.perf_counter()
     s = settings
@@ -709,8 +710,6 @@ def anonymize_images(path: str | os.PathLike, out_dir: str | os.PathLike, settin
             warn(f"removed {len(removed)} temporary output(s) of a killed run")
         bar = None
         if progress is None and s.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=len(rels), desc="photos", unit="photo", file=sys.stderr, dynamic_ncols=True)
         group = max(1, s.swap.batch_size)
         for start in range(0, len(rels), group):
@@ -781,8 +780,6 @@ def _finish(root: Path, out: Path, rel: str, input_sha: str, photo: Photo, resul
     rgb, info = result
     t0 = time.perf_counter()
     if info["faces"] == 0:
-        from keepr.fileio import atomic_path
-
         with atomic_path(dest, suffix=dest.suffix, clean_stale=False) as tmp:
             shutil.copyfile(src, tmp)
         status = "no_face"
@@ -801,7 +798,7 @@ def _finish(root: Path, out: Path, rel: str, input_sha: str, photo: Photo, resul
 
 def _report(path, out_dir, s: InferSettings, command, model_files, rels, records, skipped, processed,
             watch: Stopwatch, seconds: float) -> dict:
-    import torch
+    import torch  # heavy (torch): only in _report()
 
     images = [records[r] for r in rels if r in records]
     count = {k: sum(e["status"] == k for e in images) for k in ("anonymized", "incomplete", "no_face", "failed")}

@@ -37,7 +37,7 @@ class Target:
 
 def to_tensor(images: list[np.ndarray], device):
     """uint8 RGB [N][H,W,3] -> float [N,3,H,W] in [0,1] (the co-part models' input)."""
-    import torch
+    import torch  # heavy (torch): only in to_tensor()
 
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
     return x.to(device)
@@ -66,7 +66,7 @@ def render(reader: VideoReader, writer: VideoWriter, scan: Scan, targets: list[T
     """Pass 2 over ``reader`` into ``writer``. ``others`` maps the ids of persons without a swap (not chosen, or no
     virtual face) to their timelines: the coverage check must know where they are. Fills ``scan.frames_report`` with
     per-frame timings, faces and coverage results, and ``tally`` with the coverage figures."""
-    import torch
+    import torch  # heavy (torch): only in render()
 
     s = settings
     watch = watch or Stopwatch()

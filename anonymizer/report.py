@@ -29,9 +29,9 @@ def build_report(*, video, out_dir, settings, command, reader, plan, writer, mod
                  targets, tally, watch, out_video: Path, tmp: Path, truncated: list[str], seconds: float,
                  failed: dict | None = None) -> dict:
     """Assemble the report of one run (files are referred to by name inside the output directory)."""
-    import torch
+    import torch  # heavy (torch): only in build_report()
 
-    from anonymizer.virtual_face import save_virtual_face
+    from anonymizer.virtual_face import save_virtual_face  # heavy (torch): only in build_report()
 
     s = settings
     frames_report = scan.frames_report

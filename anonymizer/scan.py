@@ -81,7 +81,7 @@ def track_faces(video: str | VideoReader, settings: InferSettings, recognizer=No
     """Pass 1 over ``video`` (see the module docstring). ``recognizer`` (an ``anonymizer.identity.FaceRecognizer``)
     links tracks into persons by identity; without it only tracks that the tracker itself linked form a person.
     ``progress`` is called after each frame; ``cancel`` is polled and stops the pass with :class:`Cancelled`."""
-    from anonymizer.faces import detect_faces
+    from anonymizer.faces import detect_faces  # heavy (torch): only in track_faces()
 
     s = settings
     reader = video if isinstance(video, VideoReader) else VideoReader(video)

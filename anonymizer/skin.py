@@ -167,8 +167,8 @@ def dominant_skin_tone(rgb: np.ndarray, mask: np.ndarray | None = None, landmark
     not given) when not supplied. At most ``max_pixels`` pixels are clustered (a fixed-seed subsample), so the
     result is deterministic.
     """
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
+    from sklearn.cluster import KMeans  # heavy (sklearn): only in dominant_skin_tone()
+    from threadpoolctl import threadpool_limits  # heavy (threadpoolctl): only in dominant_skin_tone()
 
     rgb = to_rgb_uint8(rgb)
     if mask is None:

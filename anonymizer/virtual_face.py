@@ -26,6 +26,7 @@ from PIL import Image
 
 from anonymizer.candidates import candidate_grid, make_candidates
 from anonymizer.faces import align_face
+from anonymizer.skin import match_skin_tone
 from keepr.errors import KeeprError
 
 
@@ -80,8 +81,6 @@ def build_virtual_face(models, best_image: np.ndarray, landmarks: np.ndarray, se
                           interpolation=cv2.INTER_CUBIC if face.shape[0] < align_size else cv2.INTER_AREA)
     skin = {"applied": False}
     if settings.skin_match:
-        from anonymizer.skin import match_skin_tone
-
         try:
             face, info = match_skin_tone(face, aligned.image, seed=seed, return_info=True)
             skin = {"applied": True, "hue_shift_deg": round(info.hue_shift, 3),

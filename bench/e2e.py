@@ -43,9 +43,9 @@ FACE_BOX = (0.33, 0.22, 0.67, 0.66)  # fraction of (width, height): the speaker'
 
 
 def build_models(work: Path) -> dict:
-    from models.cosegmentation import make_tiny_cosegmentation
-    from models.encoder import Encoder, save_encoder
-    from models.stylegan2.loaders import build_generator, load_generator_config
+    from models.cosegmentation import make_tiny_cosegmentation  # heavy (torch): only in build_models()
+    from models.encoder import Encoder, save_encoder  # heavy (torch): only in build_models()
+    from models.stylegan2.loaders import build_generator, load_generator_config  # heavy (torch)
 
     work.mkdir(parents=True, exist_ok=True)
     gen = work / "generator.safetensors"
@@ -64,15 +64,15 @@ def build_models(work: Path) -> dict:
 
 def child(args: dict) -> dict:
     """One run at one precision (fresh process: clean peak RSS, allocator state and oneDNN caches)."""
-    import torch
+    import torch  # heavy (torch): only in child()
 
-    from anonymizer.blend import feather_mask, paste
-    from anonymizer.crop import crop_box, crop_frame
-    from anonymizer.video import VideoReader
-    from keepr.precision import autocast, check_precision, tune_allocator
-    from models.cosegmentation import PartSwapper, load_cosegmentation
-    from models.encoder import load_encoder
-    from models.stylegan2 import load_generator
+    from anonymizer.blend import feather_mask, paste  # heavy (cv2): only in child()
+    from anonymizer.crop import crop_box, crop_frame  # heavy (cv2): only in child()
+    from anonymizer.video import VideoReader  # heavy (av): only in child()
+    from keepr.precision import autocast, check_precision, tune_allocator  # heavy (torch): only in child()
+    from models.cosegmentation import PartSwapper, load_cosegmentation  # heavy (torch): only in child()
+    from models.encoder import load_encoder  # heavy (torch): only in child()
+    from models.stylegan2 import load_generator  # heavy (torch): only in child()
 
     alloc = tune_allocator() if args["tune_allocator"] else {"applied": False}
     device = torch.device(args["device"])
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     if a._child:
         print(json.dumps(child(json.loads(a._child))))
         return 0
-    from keepr.precision import cpu_bf16_native
+    from keepr.precision import cpu_bf16_native  # heavy (torch): only in main()
     if a.precision is None:
         a.precision = "32,bf16" if (a.device == "cpu" and cpu_bf16_native()) or a.device.startswith("cuda") else "32"
     precisions = a.precision.split(",")

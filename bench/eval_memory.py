@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.infer import repeat_clip
+from models.tiny import make_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1.10
@@ -50,8 +51,6 @@ def main(argv=None) -> int:
         work = Path(tmp)
         methods, extra = a.methods, []
         if a.keepr:
-            from models.tiny import make_tiny_models
-
             m = make_tiny_models(work / "models")
             methods += ",keepr"
             extra = ["--config", str(m["config"])]

@@ -38,7 +38,7 @@ class LPIPSLoss(nn.Module):
         path = Path(backbone_path)
         if not path.is_file():
             raise missing(f"lpips_{net}", path)
-        import lpips
+        import lpips  # heavy (lpips): only in __init__()
 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation notice.

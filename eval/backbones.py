@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from criteria.lpips_loss import LPIPSLoss
 from keepr.errors import KeeprError
 from keepr.registry import missing, where
 from keepr.weights import read_state_dict
@@ -37,7 +38,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | None = None):  # torchvision ImageNet weights file (required)
         super().__init__()
-        from torchvision.models import inception_v3
+        from torchvision.models import inception_v3  # heavy (torchvision): only in __init__()
 
         if not weights_path:
             raise KeeprError("Inception weights needed for FID/KID: pass --inception_weights PATH "
@@ -96,8 +97,6 @@ class ImageQuality:
             self.fid = True
             self._real, self._fake = [], []
         if lpips_weights:
-            from criteria.lpips_loss import LPIPSLoss
-
             self.lpips = LPIPSLoss(backbone_path=lpips_weights, net="alex")
             self._lpips_values: list[float] = []
         self.count = 0
@@ -148,7 +147,7 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     With fewer samples than feature dimensions the covariances are singular and FID is a rough number; report the
     sample count with it.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance  # heavy (torchmetrics): only for FID
 
     if min(len(real), len(fake)) < 2:
         return float("nan")
@@ -165,7 +164,7 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subset_size: int =
     torchmetrics' ``KernelInceptionDistance`` is used for the computation; features are passed through an identity
     extractor so the Inception pass is not repeated, and its subset sampling is seeded for reproducible numbers.
     """
-    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance  # heavy (torchmetrics): only in kid_from_features()
 
     n = min(len(real), len(fake))
     if n < 2:

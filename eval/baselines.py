@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from anonymizer.cli import build_parser, settings_from_args
 from anonymizer.fallback import REGION_OPS as _PIXEL_OPS
 from keepr.errors import KeeprError
 
@@ -65,7 +66,6 @@ def keepr_settings(options: dict | None = None):
     ``options`` maps infer.py flags without dashes to values, e.g. ``{"config": "configs/infer/tiny.yaml",
     "seed": 0}``; configs/infer/default.yaml is read first, as for infer.py.
     """
-    from anonymizer.cli import build_parser, settings_from_args
 
     argv = ["--video", "unused", "--out", "unused", "--face", "largest"]  # the evaluation follows one face a video
     for key, value in (options or {}).items():
@@ -91,9 +91,9 @@ def track_target(
     evaluation, ``keepr`` included, works on the same boxes whatever ``--max_frames`` is. Memory: the frames are
     streamed (one image per track is kept). Raises KeeprError when no person is found.
     """
-    from anonymizer.identity import FaceRecognizer
-    from anonymizer.pipeline import InferSettings, tqdm_progress
-    from anonymizer.scan import track_faces
+    from anonymizer.identity import FaceRecognizer  # heavy (torch): only in track_target()
+    from anonymizer.pipeline import InferSettings, tqdm_progress  # heavy (torch): only in track_target()
+    from anonymizer.scan import track_faces  # heavy (av): only in track_target()
 
     s = settings or InferSettings()
     scan = track_faces(video, s, recognizer if recognizer is not None else FaceRecognizer(),
@@ -109,8 +109,8 @@ def track_target(
 def keepr_frames(video: str | Path, out_dir: str | Path, settings) -> Iterator[np.ndarray]:
     """Run the KEEP:R pipeline (``anonymizer.pipeline.anonymize_video``, whole video) into ``out_dir``, then yield its
     output frames one by one (streamed: the caller stops when it has enough)."""
-    from anonymizer.pipeline import anonymize_video
-    from anonymizer.video import VideoReader
+    from anonymizer.pipeline import anonymize_video  # heavy (torch): only in keepr_frames()
+    from anonymizer.video import VideoReader  # heavy (av): only in keepr_frames()
 
     anonymize_video(video, out_dir, settings)
     for f in VideoReader(Path(out_dir) / "anonymized.mp4"):

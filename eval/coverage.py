@@ -20,7 +20,7 @@ MIN_CHANGE = 6.0  # mean absolute change (grey levels) over a face's inner box t
 
 def faces_in_frame(image: np.ndarray, settings) -> list[tuple]:
     """The (x0, y0, x1, y1) of every face the coverage detector of ``settings`` finds in one frame."""
-    from anonymizer.faces import detect_faces
+    from anonymizer.faces import detect_faces  # heavy (torch): only in faces_in_frame()
 
     detector, upsample = settings.coverage_detector()
     faces = detect_faces(image, detector, upsample, 0, settings.detect.max_side)

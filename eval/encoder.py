@@ -31,6 +31,7 @@ from anonymizer.identity import SAME_PERSON_THRESHOLD, FaceRecognizer, descripto
 from keepr.errors import KeeprError, cli_main
 from keepr.fileio import atomic_path, sha256_file, write_text_atomic
 from keepr.images import load_image, to_float_image, to_uint8
+from models.arcface import ArcFaceRecognizer
 from models.encoder import load_encoder, read_encoder_metadata
 from models.stylegan2 import load_generator
 
@@ -57,7 +58,7 @@ def evaluate_pairs(encoder, G, pairs_root: str | Path, split: str = "val", val_f
                    max_pairs: int | None = None, batch_size: int = 32, device: str = "cpu",
                    generator_sha256: str | None = None):
     """Metrics over the chosen pairs, plus up to 8 (input, re-synthesis) uint8 examples for the figure."""
-    from datasets.pairs import PairDataModule, PairDataset
+    from datasets.pairs import PairDataModule, PairDataset  # heavy (lightning): only in evaluate_pairs()
 
     if split == "val":
         dm = PairDataModule(str(pairs_root), batch_size=batch_size, val_fraction=val_fraction)
@@ -266,7 +267,6 @@ def main(argv=None):
 
     arcface = None
     if args.arcface:  # missing or unreadable weights: one-line error before any work
-        from models.arcface import ArcFaceRecognizer
 
         arcface = ArcFaceRecognizer(args.arcface, device=args.device)
     meta = read_encoder_metadata(args.encoder)

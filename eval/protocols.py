@@ -80,7 +80,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from keepr.errors import KeeprError, cli_main
-from keepr.fileio import atomic_dir, output_lock
+from keepr.fileio import atomic_dir, output_lock, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ class DlibVerifier:
     score_rule = "minus dlib descriptor distance"
 
     def __init__(self):
-        from anonymizer.identity import FaceRecognizer
+        from anonymizer.identity import FaceRecognizer  # heavy (torch): only in __init__()
 
         self.recognizer = FaceRecognizer()
 
@@ -251,7 +251,7 @@ class DlibVerifier:
 
     @staticmethod
     def score(a: np.ndarray, b: np.ndarray) -> float:
-        from anonymizer.identity import descriptor_distance
+        from anonymizer.identity import descriptor_distance  # heavy (torch): only in score()
 
         return -descriptor_distance(a, b)
 
@@ -264,7 +264,7 @@ class ArcFaceVerifier:
     score_rule = "ArcFace cosine similarity"
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", recognizer=None):
-        from models.arcface import ArcFaceRecognizer
+        from models.arcface import ArcFaceRecognizer  # heavy (torch): only in __init__()
 
         self.recognizer = recognizer if recognizer is not None else ArcFaceRecognizer(path, device=device)
 
@@ -303,14 +303,14 @@ def keepr_anonymizer(options: dict | None = None, device: str = "cpu") -> Anonym
     ``anonymizer.pipeline.load_models(settings.models, device)``.
     """
     photos = _import_photos()
-    from eval.baselines import keepr_settings
+    from eval.baselines import keepr_settings  # heavy (cv2): only in keepr_anonymizer()
 
     settings = keepr_settings(options)
     settings.progress = False
     loader = getattr(photos, "load_models", None)
     if loader is None:
-        from anonymizer.pipeline import check_model_files
-        from anonymizer.pipeline import load_models as loader
+        from anonymizer.pipeline import check_model_files  # heavy (torch): only in keepr_anonymizer()
+        from anonymizer.pipeline import load_models as loader  # heavy (torch): only in keepr_anonymizer()
 
         check_model_files(settings.models)
     models = loader(settings.models, device)
@@ -324,8 +324,8 @@ def keepr_anonymizer(options: dict | None = None, device: str = "cpu") -> Anonym
 
 def pixel_anonymizer(method: str, margin: float = 0.2, detector: str = "hog", upsample: int = 1) -> Anonymizer:
     """``rgb -> (rgb, info)`` applying ``method`` to every face dlib finds (info: {"faces": count})."""
-    from anonymizer.faces import detect_faces
-    from anonymizer.fallback import apply_region
+    from anonymizer.faces import detect_faces  # heavy (torch): only in pixel_anonymizer()
+    from anonymizer.fallback import apply_region  # heavy (cv2): only in pixel_anonymizer()
 
     def run(rgb: np.ndarray, faces=None) -> tuple[np.ndarray, dict]:
         faces = detect_faces(rgb, detector, upsample) if faces is None else faces
@@ -362,7 +362,7 @@ class VerificationResult:
 
 def _describe(rgb: np.ndarray, verifiers, detector: str, upsample: int) -> tuple[list, dict[str, np.ndarray | None]]:
     """Faces found (largest first) and each recogniser's vector for the largest one (None: no face)."""
-    from anonymizer.faces import detect_faces
+    from anonymizer.faces import detect_faces  # heavy (torch): only in _describe()
 
     faces = detect_faces(rgb, detector, upsample)
     if not faces:
@@ -373,7 +373,7 @@ def _describe(rgb: np.ndarray, verifiers, detector: str, upsample: int) -> tuple
 def _locate(rgb: np.ndarray, original_face, verifiers) -> dict[str, np.ndarray | None]:
     """Each recogniser's vector for the face at the original photo's face box in ``rgb`` (68 landmarks predicted
     inside that box in ``rgb``), for an attacker who knows where the face was."""
-    from anonymizer.faces import Face, landmarks_for_box
+    from anonymizer.faces import Face, landmarks_for_box  # heavy (torch): only in _locate()
 
     box = original_face.detector_box or original_face.box
     face = Face(box=original_face.box, landmarks=landmarks_for_box(rgb, box), score=float("nan"), detector_box=box)
@@ -392,7 +392,7 @@ def verify(pairs: str | Path | Sequence[Pair], root: str | Path, method: str, la
     ``anonymizer`` overrides the method's own (``rgb -> (rgb, info)``); ``arcface_recognizer`` gives an
     :class:`models.arcface.ArcFaceRecognizer` instead of a weights path (both for tests and callers that hold one).
     """
-    from keepr.images import load_image
+    from keepr.images import load_image  # heavy (torch): only in verify()
 
     pairs_name = str(pairs) if isinstance(pairs, (str, Path)) else "<pairs>"
     pair_list = parse_pairs(pairs) if isinstance(pairs, (str, Path)) else list(pairs)
@@ -586,8 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     if args.command == "london-pairs":
-        from keepr.fileio import write_text_atomic
-
         root = Path(args.root)
         ids = sorted(q.stem[:-len("_neutral")] for q in root.glob("*_neutral.jpg")
                      if (root / (q.stem[:-len("_neutral")] + "_smiling.jpg")).is_file())

@@ -28,18 +28,27 @@ import argparse
 import csv
 import functools
 import io
+import logging
 import math
+import pickle
 import re
+import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from anonymizer.batch import Item, deal, input_work
+from anonymizer.checks import validate_settings
 from anonymizer.fallback import expand_box
+from anonymizer.identity import FaceRecognizer
 from eval import coverage as C
 from eval import metrics as M
 from eval import temporal as T
@@ -47,6 +56,8 @@ from eval.backbones import ImageQuality
 from eval.baselines import PIXEL_METHODS, PixelMethod, keepr_frames, keepr_settings, parse_methods, track_target
 from keepr.errors import KeeprError, cli_main
 from keepr.fileio import atomic_path
+from keepr.images import load_image
+from models.arcface import ArcFaceRecognizer
 
 VIDEO_SUFFIXES = {".mp4", ".mpg", ".mpeg", ".mkv", ".avi", ".mov", ".gif", ".webm"}
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -128,7 +139,7 @@ def photo_identity(path: Path) -> str:
 
 def iter_frames(path: Path, n: int) -> Iterator[np.ndarray]:
     """The first ``n`` decoded RGB frames of ``path``, one at a time (nothing but the current frame is held)."""
-    from anonymizer.video import VideoReader
+    from anonymizer.video import VideoReader  # heavy (av): only in iter_frames()
 
     k = 0
     if n <= 0:
@@ -162,7 +173,6 @@ def _stack(ms: Sequence[M.FaceMeasurement], attr: str) -> np.ndarray:
 
 
 def _crop(frame: np.ndarray, box, size: int) -> np.ndarray:
-    import cv2
 
     x0, y0, x1, y1 = box
     cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * 1.4
@@ -358,14 +368,12 @@ def evaluate_video(
 @functools.lru_cache(maxsize=1)
 def _recognizer():
     """The dlib recogniser that links tracks into persons in pass 1 (as ``anonymizer.pipeline.load_models``)."""
-    from anonymizer.identity import FaceRecognizer
 
     return FaceRecognizer()
 
 
 @functools.lru_cache(maxsize=2)
 def _arcface(path: str):
-    from models.arcface import ArcFaceRecognizer
 
     return ArcFaceRecognizer(path)
 
@@ -400,7 +408,6 @@ def arcface_similarity(path: str, anonymized, reference: list[M.FaceMeasurement]
 def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer,
                     progress: bool = True) -> dict[Path, M.FaceMeasurement]:
     """The largest face of every photo (photos without a face are left out)."""
-    from keepr.images import load_image
 
     out = {}
     it = tqdm(paths, desc="describe photos", leave=False, unit="photo") if progress else paths
@@ -414,7 +421,6 @@ def describe_photos(paths: Sequence[Path], measurer: M.FaceMeasurer,
 def evaluate_photos(paths: Sequence[Path], described: dict[Path, M.FaceMeasurement], settings: EvalSettings,
                     measurer: M.FaceMeasurer) -> dict[str, dict]:
     """Per method: anonymize each London neutral probe and find its nearest gallery photo (all other photos)."""
-    from keepr.images import load_image
 
     probes = [p for p in described if LONDON_NAME.match(p.stem) and p.stem.endswith("_neutral")]
     probes = [p for p in probes if any(photo_identity(q) == photo_identity(p) and q != p for q in described)]
@@ -554,7 +560,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy (matplotlib): only in _save_figure()
 
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -562,10 +568,10 @@ def _save_figure(fig, path: Path) -> None:
 
 def plot_results(out_dir: Path, summary: dict[str, dict], per_video: dict[str, dict[str, ClipScore]]) -> list[Path]:
     """leakage_vs_realism.png and identity_distance.png."""
-    import matplotlib
+    import matplotlib  # heavy (matplotlib): only in plot_results()
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy (matplotlib): only in plot_results()
 
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -655,15 +661,8 @@ def evaluate_distributed(video_paths: Sequence[Path], settings: EvalSettings, me
     indices; whole videos, the longest first, dealt round-robin as in ``anonymizer.batch``) and written per video
     (``OUT/.eval-parts/<index>.pkl``, atomically); rank 0 reads them back in the order of the videos after every rank
     is done and returns them (the parts are removed); other ranks return None."""
-    import logging
-    import pickle
-    import shutil
-    import warnings
 
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, Dataset, Sampler
-
-    from anonymizer.batch import Item, deal, input_work
+    import pytorch_lightning as pl  # heavy (lightning): only in evaluate_distributed()
 
     items = [Item(k, str(v), v.name, "", "video",
                   input_work(v, "video") if settings.max_frames is None else _capped_work(v, settings.max_frames))
@@ -741,7 +740,7 @@ def evaluate_distributed(video_paths: Sequence[Path], settings: EvalSettings, me
 def _capped_work(path: Path, max_frames: int) -> float:
     """Frames (at most ``max_frames``) x pixels of a video from its header; 0 when it cannot be read."""
     try:
-        from anonymizer.video import probe_video
+        from anonymizer.video import probe_video  # heavy (av): only in _capped_work()
 
         info = probe_video(path)
         frames = info.num_frames or (info.duration or 0.0) * float(info.fps) or max_frames
@@ -766,8 +765,7 @@ def evaluate(videos: Sequence[str | Path], photos: Sequence[str | Path] | None, 
     photo_paths = list_files(photos, PHOTO_SUFFIXES, "photo")
     out_dir = Path(out_dir)
     if "keepr" in settings.methods:
-        from anonymizer.checks import validate_settings
-        from anonymizer.pipeline import check_model_files
+        from anonymizer.pipeline import check_model_files  # heavy (PIL): only in evaluate()
 
         infer_settings = keepr_settings(settings.keepr)
         validate_settings(infer_settings)

@@ -410,7 +410,7 @@ def output_lock(dest: str | os.PathLike) -> Iterator[Path]:
     _mkdir_parent(shown, target)
     path = lock_path(target)
     try:
-        import fcntl
+        import fcntl  # POSIX only (absent on Windows)
     except ImportError:  # not POSIX
         yield target
         return

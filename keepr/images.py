@@ -80,7 +80,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         return to_rgb_uint8(img, str(path))
     try:  # formats OpenCV lacks (e.g. GIF in some builds)
-        from PIL import Image
+        from PIL import Image  # heavy (PIL): only in load_image()
         with Image.open(path) as im:
             im.seek(0)
             return to_rgb_uint8(np.asarray(im.convert("RGB")), str(path))

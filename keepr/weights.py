@@ -69,7 +69,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy (safetensors): only in read_state_dict()
 
         try:
             return load_file(str(path))

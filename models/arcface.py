@@ -339,8 +339,8 @@ class ArcFaceRecognizer:
     def embed_face(self, rgb: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray | None:
         """Embedding [E] of the face with these 68 landmarks in a photo, or of its largest detected face when
         ``landmarks`` is None; None when no face is found."""
-        from anonymizer.faces import align_face, detect_faces
-        from keepr.images import to_rgb_uint8
+        from anonymizer.faces import align_face, detect_faces  # heavy (cv2): only in embed_face()
+        from keepr.images import to_rgb_uint8  # heavy (cv2): only in embed_face()
 
         rgb = to_rgb_uint8(rgb)
         if landmarks is None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import sys
 
+from keepr.errors import KeeprError
+from webapp.config import parse_args
+
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    from webapp.config import parse_args
+    import uvicorn  # heavy (uvicorn): only in main()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
@@ -16,8 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.banner:
         log.warning("%s", config.banner)
     log.info("loading the models (%s)...", config.settings.models.generator)
-    from keepr.errors import KeeprError
-    from webapp.app import create_app
+    from webapp.app import create_app  # heavy (torch): only in main()
 
     try:
         app = create_app(config)

@@ -32,6 +32,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from anonymizer.pipeline import load_models
+from anonymizer.video import probe_video
 from keepr.errors import KeeprError
 from webapp.jobs import INPUT, RESULT, JobManager, is_job_id, one_line
 
@@ -91,7 +93,7 @@ class _UploadSink:
         self._field, self._value = b"", b""
 
     def _on_headers_finished(self):
-        from python_multipart.multipart import parse_options_header
+        from python_multipart.multipart import parse_options_header  # optional (python-multipart): uploads only
 
         _, opts = parse_options_header(self._headers.get("content-disposition", b""))
         self._headers = {}
@@ -132,8 +134,6 @@ def create_app(config, models=None, manager: JobManager | None = None, start_wor
     loaded here when not given (once per process: pass them to share them between apps, as the tests do)."""
     if manager is None:
         if models is None:
-            from anonymizer.pipeline import load_models
-
             models = load_models(config.settings.models, config.settings.swap.device)
         manager = JobManager(config, models)
 
@@ -215,7 +215,7 @@ def create_app(config, models=None, manager: JobManager | None = None, start_wor
     # -- jobs -------------------------------------------------------------------------------------------------
     @app.post("/api/jobs", status_code=201)
     async def create_job(request: Request):
-        from python_multipart.multipart import MultipartParser, parse_options_header
+        from python_multipart.multipart import MultipartParser, parse_options_header  # optional (python-multipart)
 
         limit = config.max_upload_bytes
         too_large = f"the video is larger than the upload limit ({config.max_upload_mb:g} MB)"
@@ -339,6 +339,5 @@ def create_app(config, models=None, manager: JobManager | None = None, start_wor
 
 
 def _probe(path: Path):
-    from anonymizer.video import probe_video
 
     return probe_video(path)

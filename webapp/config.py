@@ -16,6 +16,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from anonymizer import cli as infer
 from anonymizer.settings import InferSettings
 from keepr.errors import KeeprError, MissingWeightsError
 
@@ -54,7 +55,6 @@ class AppConfig:
 
 def infer_settings(configs: list[str], extra: list[str]) -> InferSettings:
     """The settings ``infer.py --config C1 --config C2 ... EXTRA`` would run with (``progress`` off)."""
-    from anonymizer import cli as infer
 
     args = [a for c in configs for a in ("--config", str(c))]
     cfg = infer.build_parser().parse_args([*args, "--video", "-", "--out", "-", "--progress", "false", *extra])
@@ -64,9 +64,9 @@ def infer_settings(configs: list[str], extra: list[str]) -> InferSettings:
 def ensure_tiny_models(out: Path = ROOT / "outputs") -> dict[str, Path]:
     """The demo's tiny models under ``out`` (built when missing, as ``make demo``'s first step does)."""
     # heavy (torch): only when the app falls back to the tiny models
-    from models.encoder import save_encoder
-    from models.stylegan2 import load_generator
-    from models.tiny import COSEG_FILE, GENERATOR_FILE, make_tiny_models, tiny_encoder
+    from models.encoder import save_encoder  # heavy (torch): only in ensure_tiny_models()
+    from models.stylegan2 import load_generator  # heavy (torch): only in ensure_tiny_models()
+    from models.tiny import COSEG_FILE, GENERATOR_FILE, make_tiny_models, tiny_encoder  # heavy (torch)
 
     tiny = out / "tiny"
     gen, seg = tiny / GENERATOR_FILE, tiny / COSEG_FILE
@@ -85,7 +85,7 @@ def resolve_settings(configs: list[str], extra: list[str], tiny_dir: Path = ROOT
                      ) -> tuple[InferSettings, str | None]:
     """(settings, banner): the settings of ``configs`` + ``extra``; when none names a model and the default weights
     are missing, the tiny demo models instead, with the banner text."""
-    from anonymizer.pipeline import check_model_files
+    from anonymizer.pipeline import check_model_files  # heavy (torch): only in resolve_settings()
 
     settings = infer_settings(configs, extra)
     explicit = bool(configs) or any(a.split("=")[0] in MODEL_OPTIONS for a in extra)

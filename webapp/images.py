@@ -25,7 +25,7 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
 
 def write_png(path: Path, image: np.ndarray) -> None:
     """An RGB uint8 image as a PNG at ``path``, via a temporary name renamed into place."""
-    from PIL import Image
+    from PIL import Image  # heavy (PIL): only in write_png()
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", optimize=True)
@@ -37,9 +37,9 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def segment_labels(crop: np.ndarray, coseg) -> np.ndarray:
     """Per-pixel co-part segment (0 = background, 1..K) of an RGB crop, at the crop's size."""
-    import torch
+    import torch  # heavy (torch): only in segment_labels()
 
-    from anonymizer.render import to_tensor
+    from anonymizer.render import to_tensor  # heavy (av): only in segment_labels()
 
     with torch.no_grad():
         seg = coseg.segment(to_tensor([crop], coseg.device))["segmentation"]
