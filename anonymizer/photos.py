@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -178,7 +177,6 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
         Candidate,
         _device_of,
         _noise,
-        candidate_grid,
         estimate_w_spread,
         guard_descriptor,
         identity_check,
@@ -186,7 +184,7 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
         synthesize,
     )
     from anonymizer.faces import align_face  # heavy (torch): only in make_virtual_faces()
-    from anonymizer.virtual_face import VirtualFace, _tone, choose_candidate  # heavy (torch)
+    from anonymizer.virtual_face import finish_virtual_face  # heavy (torch)
 
     watch = watch or Stopwatch()
     vs = settings.virtual_face
@@ -263,38 +261,10 @@ def make_virtual_faces(models, jobs: list[tuple[np.ndarray, np.ndarray, int]], s
         watch.add("guard", time.perf_counter() - t0, num)
         t0 = time.perf_counter()
         try:
-            chosen, why = choose_candidate(cands, vs.candidate)
-        except KeeprError as exc:
+            out[j] = finish_virtual_face(cands, aligned, align_size, vs, seed)
+        except KeeprError as exc:  # every candidate a look-alike: this face gets the fallback
             out[j] = " ".join(str(exc).split())
             continue
-        c = cands[chosen]
-        face = c.image
-        if face.shape[0] != align_size:
-            face = cv2.resize(face, (align_size, align_size),
-                              interpolation=cv2.INTER_CUBIC if face.shape[0] < align_size else cv2.INTER_AREA)
-        skin = {"applied": False}
-        if vs.skin_match:
-            from anonymizer.skin import match_skin_tone  # heavy (torch): only in make_virtual_faces()
-
-            try:
-                face, info = match_skin_tone(face, aligned.image, seed=seed, return_info=True)
-                skin = {"applied": True, "hue_shift_deg": round(info.hue_shift, 3),
-                        "saturation_scale": round(info.saturation_scale, 4),
-                        "target_tone": _tone(info.target_tone), "candidate_tone": _tone(info.candidate_tone),
-                        "landmarks_detected": {"candidate": info.candidate_detected, "target": info.target_detected}}
-            except KeeprError as exc:
-                skin = {"applied": False, "skipped": " ".join(str(exc).split())}
-        report = {
-            "chosen": chosen, "chosen_why": why, "seed": seed, "align_size": align_size,
-            "guard_threshold": vs.guard_threshold, "noise": vs.noise,
-            "layers": list(layers) if not isinstance(layers, str) else layers,
-            "candidates": [{"index": q.index, "distance": None if q.distance is None else round(float(q.distance), 4),
-                            "status": q.status, "draws": q.draws} for q in cands],
-            "skin_match": skin,
-        }
-        out[j] = VirtualFace(image=np.ascontiguousarray(face), align_matrix=aligned.matrix, align_size=align_size,
-                             latent=c.ws[0].float().cpu().numpy(), chosen=chosen, grid=candidate_grid(cands),
-                             aligned_target=aligned.image, report=report)
         watch.add("skin", time.perf_counter() - t0)
     return out
 

@@ -29,7 +29,6 @@ from typing import Sequence
 import numpy as np
 
 from anonymizer import landmarks as L
-from keepr.errors import KeeprError
 
 STATUSES = ("detected", "interpolated", "held", "lost")
 
@@ -331,20 +330,3 @@ def extend_track(track: Track, faces: Sequence[Sequence[tuple]], claimed: set[tu
                 added += 1
             i += step
     return added
-
-
-def select_tracks(tracks: Sequence[Track], which: str | int = "largest", source: str = "video") -> list[Track]:
-    """``largest`` (the most prominent track), an index into the prominence order, or ``all``."""
-
-    tracks = list(tracks)
-    if not tracks:
-        raise KeeprError(f"{source}: no face found in any frame")
-    if which == "all":
-        return tracks
-    if which == "largest":
-        return tracks[:1]
-    if isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-        if not 0 <= which < len(tracks):
-            raise KeeprError(f"{source}: face index {which} out of range, {len(tracks)} face track(s) found")
-        return [tracks[int(which)]]
-    raise KeeprError(f"face selection must be 'largest', 'all' or an integer index, got {which!r}")

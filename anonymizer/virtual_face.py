@@ -73,6 +73,14 @@ def build_virtual_face(models, best_image: np.ndarray, landmarks: np.ndarray, se
                             noise_scale=settings.noise, layers=layers, seed=seed,
                             guard_threshold=settings.guard_threshold, max_redraws=settings.max_redraws,
                             recognizer=models.recognizer)
+    return finish_virtual_face(cands, aligned, align_size, settings, seed)
+
+
+def finish_virtual_face(cands, aligned, align_size: int, settings, seed: int) -> VirtualFace:
+    """From the candidates of one target to its virtual face: choose one (``settings.candidate`` or the policy of
+    :func:`choose_candidate`; KeeprError when all are look-alikes), bring it to ``align_size``, match its skin tone to
+    the aligned target and write the report. Shared by the video and the (batched) photo paths."""
+    layers = settings.layers if isinstance(settings.layers, str) else tuple(settings.layers)
     chosen, why = choose_candidate(cands, settings.candidate)
     c = cands[chosen]
     face = c.image

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from anonymizer.tracking import FaceTracker, iou, select_tracks, smooth_boxes
+from anonymizer.persons import link_persons, select_persons
+from anonymizer.tracking import FaceTracker, iou, smooth_boxes
 from keepr.errors import KeeprError
 
 
@@ -39,13 +40,15 @@ def test_two_moving_faces_keep_their_tracks():
     big, small = tracks  # sorted by prominence
     assert len(big.detections) == len(small.detections) == 20
     assert all(abs((b[0] + b[2]) / 2 - (100 + 3 * i)) < 1e-6 for i, (b, _) in big.detections.items())
-    assert select_tracks(tracks, "largest") == [big]
-    assert select_tracks(tracks, 1) == [small]
-    assert select_tracks(tracks, "all") == [big, small]
+    persons = link_persons(tracks)  # no recogniser: each track is a person, in the same order
+    assert [p.tracks for p in persons] == [[big], [small]]
+    assert select_persons(persons, "largest") == [persons[0]]
+    assert select_persons(persons, 1) == [persons[1]]
+    assert select_persons(persons, "all") == persons
     with pytest.raises(KeeprError, match="out of range"):
-        select_tracks(tracks, 2)
+        select_persons(persons, 2)
     with pytest.raises(KeeprError, match="no face"):
-        select_tracks([], "largest")
+        select_persons([], "largest")
 
 
 def test_skipped_frames_interpolated_long_gaps_held_then_lost():
