@@ -141,23 +141,10 @@ def test_aggregate_weights_by_frames_and_sums_counts():
     assert r["fid"] == "unavailable (x)"
 
 
-def _faceless_video(path: Path, n: int = 6, size=(160, 120)) -> Path:
-    """A short mp4 of a moving gradient: a clip with no face."""
-    import av
-    import numpy as np
+def _faceless_video(path: Path, n: int = 6) -> Path:
+    from tests.support.clips import gradient_video
 
-    w, h = size
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        yy, xx = np.mgrid[0:h, 0:w]
-        for i in range(n):
-            img = np.stack([(xx + 4 * i) % 256, yy * 2 % 256, np.full_like(xx, 90)], -1).astype(np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
+    return gradient_video(path, n)
 
 
 def test_a_faceless_clip_is_reported_and_the_evaluation_goes_on(media_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from keepr.fileio import sha256_file
+from tests.support.clips import gradient_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -37,22 +38,6 @@ def assert_clean_failure(capsys, out: Path, args: list[str], match: str):
     assert match in lines[0], lines[0]
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp dir left
-
-
-def gradient_video(path: Path, n: int = 12, size=(160, 120)) -> Path:
-    """A short mp4 of a moving gradient: a video with no face."""
-    w, h = size
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        yy, xx = np.mgrid[0:h, 0:w]
-        for i in range(n):
-            img = np.stack([(xx + 4 * i) % 256, yy * 2 % 256, np.full_like(xx, 90)], -1).astype(np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

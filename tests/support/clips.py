@@ -70,3 +70,12 @@ def portrait_sideways(src, dst, turn_ccw: int = 90, n: int = 20) -> Path:
     pw = (h * 3 // 4) // 2 * 2
     x0 = (w - pw) // 2
     return write_clip(dst, [np.ascontiguousarray(f[:, x0:x0 + pw]) for f in frames], rotate_ccw=turn_ccw)
+
+
+def gradient_video(path, n: int = 12, size=(160, 120)) -> Path:
+    """A short mp4 of a moving gradient: a video with no face."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = [np.stack([(xx + 4 * i) % 256, yy * 2 % 256, np.full_like(xx, 90)], -1).astype(np.uint8)
+              for i in range(n)]
+    return write_clip(path, frames, crf=18)
