@@ -51,7 +51,8 @@ from anonymizer.settings import (  # noqa: F401 (public API)
     parse_face,
 )
 from anonymizer.streams import plan_streams
-from anonymizer.video import VideoReader, VideoWriter, check_encode_settings, plan_timestamps
+from anonymizer.video import VideoReader
+from anonymizer.video_writer import VideoWriter, check_encode_settings, plan_timestamps
 from anonymizer.virtual_face import build_virtual_face
 from keepr.errors import KeeprError
 from keepr.fileio import atomic_dir, sha256_file

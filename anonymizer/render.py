@@ -4,7 +4,7 @@ For each frame, ``batch_size`` frames at a time: every chosen person with a trac
 co-part framing (:mod:`anonymizer.crop`), part-swapped with their virtual face (``models.cosegmentation.
 PartSwapper``) and pasted back with a feathered mask (:mod:`anonymizer.blend`). Then every face the coverage pass
 found in the frame is judged (:func:`anonymizer.coverage.cover_frame`): covered by a swap, given the fallback,
-kept by choice, or left and reported. The frame is encoded (:class:`anonymizer.video.VideoWriter`).
+kept by choice, or left and reported. The frame is encoded (:class:`anonymizer.video_writer.VideoWriter`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from anonymizer.crop import crop_box, crop_frame, crop_matrix
 from anonymizer.scan import Cancelled, Progress, Scan, Stopwatch
 from anonymizer.settings import InferSettings
 from anonymizer.tracking import iou
-from anonymizer.video import VideoReader, VideoWriter
+from anonymizer.video import VideoReader
+from anonymizer.video_writer import VideoWriter
 from keepr.errors import KeeprError
 
 

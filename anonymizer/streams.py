@@ -15,8 +15,8 @@ Every stream that is not copied or encoded as asked has a one-line ``warning``. 
 JSON-able list for report.json. Copying is checked for real: the copied streams' first packets are muxed into a
 throw-away in-memory mp4 (header, packets, trailer); a stream the muxer refuses is transcoded instead.
 
-``StreamMuxer`` carries out the plan for ``anonymizer.video.VideoWriter``: it demuxes the kept streams of the input
-in file order, alongside the video being written, so memory stays bounded.
+``StreamMuxer`` carries out the plan for ``anonymizer.video_writer.VideoWriter``: it demuxes the kept streams of the
+input in file order, alongside the video being written, so memory stays bounded.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from anonymizer.pipeline import InferSettings, anonymize_video
-from anonymizer.video import VideoReader, VideoWriter
+from anonymizer.video import VideoReader
+from anonymizer.video_writer import VideoWriter
 from bench import failure_line
 from keepr.errors import KeeprError, cli_main
 from models.tiny import make_tiny_models

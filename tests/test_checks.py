@@ -172,7 +172,8 @@ def test_names_kept_in_step_with_the_modules():
     from anonymizer import checks
     from anonymizer.candidates import LAYER_GROUPS
     from anonymizer.settings import FALLBACKS
-    from anonymizer.video import AUDIO_MODES, X264_PRESETS
+    from anonymizer.streams import AUDIO_MODES
+    from anonymizer.video_writer import X264_PRESETS
 
     assert tuple(LAYER_GROUPS) == checks.LAYER_GROUPS
     assert tuple(AUDIO_MODES) == checks.AUDIO_MODES

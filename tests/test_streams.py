@@ -11,7 +11,8 @@ from av.subtitles.subtitle import SubtitleSet
 
 import anonymizer.streams as streams
 from anonymizer.streams import plan_streams
-from anonymizer.video import VideoReader, VideoWriter, count_frames
+from anonymizer.video import VideoReader, count_frames
+from anonymizer.video_writer import VideoWriter
 from keepr.errors import KeeprError
 
 ASS_HEADER = (b"[Script Info]\nScriptType: v4.00+\nPlayResX: 384\nPlayResY: 288\n\n[V4+ Styles]\n"

@@ -7,15 +7,8 @@ import av
 import numpy as np
 import pytest
 
-from anonymizer.video import (
-    VideoReader,
-    VideoWriter,
-    audio_packets,
-    check_encode_settings,
-    count_frames,
-    plan_timestamps,
-    probe_video,
-)
+from anonymizer.video import VideoReader, audio_packets, count_frames, probe_video
+from anonymizer.video_writer import VideoWriter, check_encode_settings, plan_timestamps
 from keepr.errors import KeeprError
 
 

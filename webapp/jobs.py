@@ -38,7 +38,8 @@ from anonymizer.pipeline import (
 )
 from anonymizer.scan import no_face_message
 from anonymizer.streams import plan_streams
-from anonymizer.video import VideoReader, VideoWriter
+from anonymizer.video import VideoReader
+from anonymizer.video_writer import VideoWriter
 from keepr.errors import KeeprError
 from webapp.images import part_overlay, segment_labels, write_png
 
