@@ -126,7 +126,8 @@ def test_keepr_missing_weights_is_clean_error(tmp_path, media_dir, capsys):
 def test_aggregate_weights_by_frames_and_sums_counts():
     import numpy as np
 
-    from eval.run import ClipScore, aggregate
+    from eval.run import ClipScore
+    from eval.tables import aggregate
 
     a = ClipScore({"dataset": "a", "method": "blur", "frames": 10, "frames_described": 10, "pose_frames": 4,
                    "match_rate@0.6": 0.0, "warping_error": 1.0, "fid": "unavailable (x)"}, np.zeros(10), [])
