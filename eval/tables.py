@@ -17,8 +17,8 @@ from eval import coverage as C
 from eval import metrics as M
 from keepr.fileio import atomic_path
 
-if TYPE_CHECKING:  # for the annotations only: eval.run imports this module
-    from eval.run import ClipFailure, ClipScore
+if TYPE_CHECKING:  # for the annotations only
+    from eval.scoring import ClipFailure, ClipScore
 
 COUNT_COLUMNS = ("frames_described", "pose_frames", "faces_seen", "faces_left")  # summed, not averaged, over videos
 # Columns of results.md: (key in the result row, header, format).

@@ -10,7 +10,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from eval.run import main, photo_identity
+from eval.run import main
+from eval.scoring import photo_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def test_keepr_missing_weights_is_clean_error(tmp_path, media_dir, capsys):
 def test_aggregate_weights_by_frames_and_sums_counts():
     import numpy as np
 
-    from eval.run import ClipScore
+    from eval.scoring import ClipScore
     from eval.tables import aggregate
 
     a = ClipScore({"dataset": "a", "method": "blur", "frames": 10, "frames_described": 10, "pose_frames": 4,
@@ -194,7 +195,7 @@ def test_every_clip_failing_is_one_line_error_with_results_written(tmp_path, cap
 
 
 def test_a_failing_method_is_reported_and_the_others_go_on(media_dir, tmp_path, monkeypatch):
-    import eval.run as run
+    import eval.scoring as run  # where the methods are applied
     from keepr.errors import KeeprError
 
     real = run.PixelMethod
