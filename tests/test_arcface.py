@@ -207,10 +207,11 @@ def test_eval_run_arcface_column(narrow, fixtures_dir, monkeypatch, tmp_path, ca
     at once with a one-line error."""
     from anonymizer.fallback import apply_region
     from eval import metrics as M
-    from eval import run as R
+    from eval import run
+    from eval import scoring as R
     from keepr.images import load_image
 
-    monkeypatch.setattr(R, "_arcface", lambda path: ArcFaceRecognizer(model=narrow))
+    monkeypatch.setattr(R, "arcface_recognizer", lambda path: ArcFaceRecognizer(model=narrow))
     frame = load_image(fixtures_dir.parents[1] / "data" / "gallery" / "london" / "002_neutral.jpg")
     ref = M.FaceMeasurer().measure(frame, None)
     assert ref.detected
@@ -223,7 +224,7 @@ def test_eval_run_arcface_column(narrow, fixtures_dir, monkeypatch, tmp_path, ca
     assert R.ARCFACE_UNAVAILABLE.startswith("unavailable")
     monkeypatch.undo()
     with pytest.raises(SystemExit):
-        R.main(["--videos", str(fixtures_dir.parents[1] / "data" / "samples" / "lrwp9a.mpg"), "--methods", "none",
+        run.main(["--videos", str(fixtures_dir.parents[1] / "data" / "samples" / "lrwp9a.mpg"), "--methods", "none",
                 "--out", str(tmp_path / "out"), "--arcface", str(tmp_path / "model_ir_se50.pth"), "--no_progress"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model_ir_se50.pth" in err and WHERE_TO_GET in err
