@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Iterator
 
 from keepr.errors import KeeprError
-from keepr.fileio import is_keepr_entry, lock_path, output_lock, remove_stale_temporaries, resolve_output
+from keepr.fileio import (
+    check_empty_dir,
+    lock_path,
+    output_lock,
+    remove_stale_temporaries,
+    resolve_output,
+)
 
 DETECTORS = ("hog", "cnn")
 FALLBACKS = ("blur", "mosaic", "blackbox", "none")  # anonymizer.settings.FALLBACKS
@@ -268,12 +274,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
         via = f" ({target})" if os.fspath(target) != os.path.abspath(os.fspath(out_dir)) else ""
         raise KeeprError(f"{shown}: output exists and {what}{via}")
     if target.is_dir():
-        try:
-            extra = [n for n in os.listdir(target) if not is_keepr_entry(n, target.name)]
-        except OSError as exc:
-            raise KeeprError(f"{shown}: cannot read the output directory ({exc.strerror})") from None
-        if extra:
-            raise KeeprError(f"{shown}: output directory exists and is not empty; choose another --out or remove it")
+        check_empty_dir(shown, target)
         into = os.path.ismount(target) or not os.access(target.parent, os.W_OK | os.X_OK)
         where = target if into else target.parent
         if not os.access(where, os.W_OK | os.X_OK):

@@ -222,7 +222,8 @@ def _output_error(shown, exc: OSError, roots: list[Path], space_on: Path) -> Kee
     return KeeprError(f"{shown}: cannot write the output ({cause}); nothing was written there")
 
 
-def _check_empty_dir(shown, dest: Path) -> None:
+def check_empty_dir(shown, dest: Path) -> None:
+    """KeeprError naming ``shown`` unless ``dest`` is missing or a directory holding nothing but our own entries."""
     if os.path.lexists(dest) and not dest.is_dir():
         raise KeeprError(f"{shown}: output exists and is not a directory")
     if dest.is_dir():
@@ -328,7 +329,7 @@ def atomic_dir(dest: str | os.PathLike, clean_stale: bool = True,
     """
     shown = dest
     dest = resolve_output(dest)
-    _check_empty_dir(shown, dest)
+    check_empty_dir(shown, dest)
     _mkdir_parent(shown, dest)
     if clean_stale:
         removed = remove_stale_temporaries(dest)
@@ -353,7 +354,7 @@ def atomic_dir(dest: str | os.PathLike, clean_stale: bool = True,
         else:
             os.chmod(tmp, 0o777 & ~_umask())  # made 0700 while being written
             if dest.is_dir():
-                _check_empty_dir(shown, dest)  # something appeared there meanwhile: refuse, never replace it
+                check_empty_dir(shown, dest)  # something appeared there meanwhile: refuse, never replace it
                 try:
                     dest.rmdir()
                 except OSError as exc:
